@@ -1,0 +1,381 @@
+"""Training losses and samplers, dense and YODA, for the two model families.
+
+* :class:`SR3Diffusion` — SR3: the UNet sees ``cat(x_up, z_t)`` and the continuous noise level
+  sqrt(gamma); the diffused variable is the HR image; the LR branch's mean is x_bar = x_up.
+* :class:`SRDiffDiffusion` — SRDiff: an RRDB encoder conditions a UNet that denoises the
+  residual ``(hr - x_up) * res_rescale``; the LR branch's mean is x_bar = 0 (paper Sec. 4.1).
+
+Images at this layer's API are float [B,3,H,W] in [0, 1]; internally they live in [-1, 1].
+
+What the model sees in the inactive area, identically in training and sampling:
+* ``YodaSettings.masked_input=False`` (default): the current state z_t, whose inactive part is
+  the LR branch. With the Fig. 2 reading (``lr_branch="forward"``) that part is x_bar
+  forward-diffused to level t, so training builds it as ``sqrt(gamma_t) x_bar + sqrt(1-gamma_t) eps``;
+  with the literal eq. 13 it is ``x_bar + sigma_{t+1} eps``.
+* ``masked_input=True``: eq. 11 literally, the model sees ``M(t) * z_t`` (zeros outside).
+
+The first state z_T is prior noise in the active area and the LR branch at level T elsewhere,
+so a YODA run with an all-ones mask is exactly the dense run.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .masking import MaskSchedule, activation_time, check_attention
+from .schedule import NoiseSchedule
+
+__all__ = ["YodaSettings", "ScheduleSettings", "SampleResult", "SR3Diffusion", "SRDiffDiffusion", "build_diffusion", "load_diffusion"]
+
+
+@dataclass
+class YodaSettings:
+    """How YODA was trained / is sampled; stored in every checkpoint.
+
+    attention: name of the attention extractor (``yoda_sparse.attention.get_attention``).
+    lower_bound: l of eq. 9. The paper does not state its value; 0.2 is this library's default.
+    lr_branch: "forward" (Fig. 2, default) or "literal" (eq. 13 as written).
+    masked_input: the model sees M(t) * z_t (eq. 11 literal) instead of z_t.
+    clip_x0: clip the predicted x0 to [-1, 1] in each step, as SR3's and SRDiff's code do.
+    variance: "fixed_small" (posterior variance, as SR3's/SRDiff's code) or "fixed_large" (beta_t).
+    loss_normalize: eq. 10's normalisation ("all" as SR3's L1 mean, or "active").
+    """
+
+    attention: str | None = "dino_resnet50_max"
+    lower_bound: float = 0.2
+    lr_branch: str = "forward"
+    masked_input: bool = False
+    clip_x0: bool = True
+    variance: str = "fixed_small"
+    loss_normalize: str = "all"
+
+    def __post_init__(self):
+        if not 0 < float(self.lower_bound) < 1:
+            raise ValueError(f"lower_bound must lie in (0, 1), got {self.lower_bound!r}")
+        if self.lr_branch not in ops.LR_BRANCHES:
+            raise ValueError(f"lr_branch must be one of {ops.LR_BRANCHES}, got {self.lr_branch!r}")
+        if self.variance not in ops.VARIANCES:
+            raise ValueError(f"variance must be one of {ops.VARIANCES}, got {self.variance!r}")
+        if self.loss_normalize not in ops.NORMALIZATIONS:
+            raise ValueError(f"loss_normalize must be one of {ops.NORMALIZATIONS}, got {self.loss_normalize!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "YodaSettings":
+        return cls(**_known_fields(cls, d, "yoda settings"))
+
+
+@dataclass
+class ScheduleSettings:
+    """The training noise schedule: kind "linear" (SR3) or "cosine" (SRDiff), T steps."""
+
+    kind: str = "linear"
+    timesteps: int = 500
+    start: float = 1e-6
+    end: float = 1e-2
+
+    def build(self) -> NoiseSchedule:
+        if self.kind == "linear":
+            return NoiseSchedule.linear(self.timesteps, self.start, self.end)
+        if self.kind == "cosine":
+            return NoiseSchedule.cosine(self.timesteps)
+        raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleSettings":
+        return cls(**_known_fields(cls, d, "schedule settings"))
+
+
+def _known_fields(cls, d: dict, what: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; expected a subset of {sorted(names)}")
+    return dict(d)
+
+
+@dataclass
+class SampleResult:
+    """images: float [B,3,H,W] in [0,1]; active_fraction: float64 [S,B] (1 for dense runs);
+    update_ratio: float64 [B]; timesteps: the run's training-schedule timesteps [S]."""
+
+    images: torch.Tensor
+    active_fraction: torch.Tensor
+    update_ratio: torch.Tensor
+    timesteps: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+
+def _check_images(name: str, x, channels: int = 3) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor in [0, 1], got {x.dtype}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must have shape [B, {channels}, H, W], got {tuple(x.shape)}")
+    return x
+
+
+class _DiffusionSR(abc.ABC):
+    family = ""
+
+    def __init__(self, model, schedule: ScheduleSettings | None = None, yoda: YodaSettings | None = None, *, scale: int):
+        self.model = model
+        self.schedule_settings = schedule or self.default_schedule()
+        self.schedule = self.schedule_settings.build()
+        self.yoda = yoda or YodaSettings()
+        self.scale = int(scale)
+
+    # ----------------------------------------------------------------- family hooks
+    @staticmethod
+    @abc.abstractmethod
+    def default_schedule() -> ScheduleSettings:
+        """The family's published training schedule."""
+
+    @abc.abstractmethod
+    def _prepare(self, lr_m: torch.Tensor):
+        """Per-run conditioning from the LR image in [-1,1]: returns (x_up, x_bar, cond)."""
+
+    @abc.abstractmethod
+    def _predict_noise(self, z, t_train: torch.Tensor, level: torch.Tensor, x_up, cond):
+        """The model's noise prediction for state z at training timestep t_train / level sqrt(gamma)."""
+
+    @abc.abstractmethod
+    def _target(self, hr_m, x_up):
+        """The diffused variable x0 for an HR image in [-1,1]."""
+
+    @abc.abstractmethod
+    def _to_image(self, z0, x_up):
+        """The final state back to an image in [0,1]."""
+
+    # ----------------------------------------------------------------- shared
+    def _check_pair(self, hr, lr):
+        _check_images("hr", hr)
+        _check_images("lr", lr)
+        if hr.shape[0] != lr.shape[0]:
+            raise ValueError(f"hr and lr must have the same batch size, got {hr.shape[0]} and {lr.shape[0]}")
+        if (hr.shape[2], hr.shape[3]) != (lr.shape[2] * self.scale, lr.shape[3] * self.scale):
+            raise ValueError(f"hr {tuple(hr.shape[2:])} must be lr {tuple(lr.shape[2:])} times the model's scale {self.scale}")
+
+    def _check_attn(self, attn, batch: int):
+        attn = check_attention(attn, name="attn")
+        if attn.shape[0] != batch:
+            raise ValueError(f"attn must have one map per image ({batch}), got {attn.shape[0]}")
+        return attn
+
+    def _lr_branch_at(self, x_bar, t: torch.Tensor, noise, level: torch.Tensor):
+        """The LR-branch state at training timestep t [B] (what sampling leaves there)."""
+        shape = (-1, 1, 1, 1)
+        x_bar = torch.zeros_like(noise) if x_bar is None else x_bar
+        if self.yoda.lr_branch == "forward":
+            return level.view(shape) * x_bar + (1 - level.view(shape) ** 2).clamp(min=0).sqrt() * noise
+        # literal eq. 13: x_bar + sigma_{t+1} eps (the std of the step that produced level t);
+        # at t = T the run starts from the forward-diffused LR image.
+        T = self.schedule.num_steps
+        nxt = (t + 1).clamp(max=T)
+        sig = torch.tensor([self.schedule.coefficients(int(k)).sigma(self.yoda.variance) for k in nxt.tolist()],
+                           dtype=noise.dtype, device=noise.device)
+        literal = x_bar + sig.view(shape) * noise
+        start = level.view(shape) * x_bar + (1 - level.view(shape) ** 2).clamp(min=0).sqrt() * noise
+        return torch.where((t == T).view(shape), start, literal)
+
+    def training_loss(self, hr: torch.Tensor, lr: torch.Tensor, attn: torch.Tensor | None = None, *, generator=None) -> torch.Tensor:
+        """Dense L1 noise loss (paper eq. 8) or, with an attention map, YODA's eq. 10.
+
+        hr [B,3,H,W], lr [B,3,H/s,W/s] in [0,1]; attn [B,1,h,w] in [0,1] or None.
+        Timesteps are drawn uniformly from 1..T; SR3 draws a continuous noise level between
+        sqrt(gamma_t) and sqrt(gamma_{t-1}) as its code does, SRDiff uses sqrt(gamma_t).
+        """
+        self._check_pair(hr, lr)
+        B, device = hr.shape[0], hr.device
+        hr_m, lr_m = hr * 2 - 1, lr * 2 - 1
+        x_up, x_bar, cond = self._prepare(lr_m)
+        x0 = self._target(hr_m, x_up)
+        T = self.schedule.num_steps
+        t = torch.randint(1, T + 1, (B,), generator=generator, device="cpu").to(device)
+        level = self._training_level(t, generator).to(device=device, dtype=hr.dtype)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=hr.dtype).to(device)
+        z = level.view(-1, 1, 1, 1) * x0 + (1 - level.view(-1, 1, 1, 1) ** 2).clamp(min=0).sqrt() * noise
+        mask = None
+        if attn is not None:
+            attn = self._check_attn(attn, B)
+            act = activation_time(attn, T, self.yoda.lower_bound, size=hr.shape[-2:])
+            mask = act >= t.view(-1, 1, 1, 1).to(act.dtype)
+            z = torch.where(mask, z, self._lr_branch_at(x_bar, t, noise, level))
+            if self.yoda.masked_input:
+                z = z * mask
+        eps = self._predict_noise(z, t, level, x_up, cond)
+        if mask is None:
+            return (eps - noise).abs().mean()
+        return ops.masked_l1_loss(eps, noise, mask, normalize=self.yoda.loss_normalize)
+
+    def _training_level(self, t: torch.Tensor, generator) -> torch.Tensor:
+        return self.schedule.sqrt_alphas_cumprod[t.cpu() - 1].to(torch.float32)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        lr: torch.Tensor,
+        attn: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        backend: str | None = None,
+    ) -> SampleResult:
+        """Ancestral sampling, dense (attn None) or YODA (eq. 11-14), of the whole batch.
+
+        lr: [B,3,h,w] in [0,1]; attn: [B,1,*,*] in [0,1] (resized to the HR size);
+        steps: respace the training schedule to this many steps (paper: 500 -> 200).
+        Noise is drawn on the CPU from ``generator`` so a seed gives the same result on any
+        device.
+        """
+        from tqdm.auto import tqdm
+
+        _check_images("lr", lr)
+        B = lr.shape[0]
+        H, W = lr.shape[2] * self.scale, lr.shape[3] * self.scale
+        sched = self.schedule if steps is None else self.schedule.respace(int(steps))
+        train_t = sched.timesteps.flip(0)  # sampling order, training units
+        lr_m = lr * 2 - 1
+        x_up, x_bar, cond = self._prepare(lr_m)
+        shape = (B, 3, H, W)
+        dtype, device = lr.dtype, lr.device
+
+        def randn():
+            return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+        masks = None
+        if attn is not None:
+            attn = self._check_attn(attn, B)
+            masks = MaskSchedule(attn.to(device), self.schedule.num_steps, self.yoda.lower_bound, timesteps=train_t, size=(H, W))
+        full = torch.ones((B, 1, H, W), dtype=torch.bool, device=device)
+        z = randn()
+        if masks is not None:
+            n = sched.num_steps
+            level = torch.full((B,), sched.coefficients(n).noise_level, dtype=dtype, device=device)
+            start_noise = randn()
+            z = torch.where(masks.mask(0), z, self._lr_branch_at(x_bar, train_t[:1].expand(B).to(device), start_noise, level))
+        levels = sched.sqrt_alphas_cumprod.to(torch.float32)
+        for i in tqdm(range(sched.num_steps), disable=not progress, desc="yoda" if masks is not None else "dense", leave=False):
+            t = sched.num_steps - i
+            m = masks.mask(i) if masks is not None else full
+            inp = z * m if (masks is not None and self.yoda.masked_input) else z
+            t_train = train_t[i].expand(B).to(device)
+            level = levels[t - 1].expand(B).to(device=device, dtype=dtype)
+            eps = self._predict_noise(inp, t_train, level, x_up, cond)
+            z = ops.yoda_step(
+                z, eps.to(z.dtype), x_bar, m, t, sched, noise=randn(),
+                lr_branch=self.yoda.lr_branch, clip_x0=self.yoda.clip_x0, variance=self.yoda.variance, backend=backend,
+            )
+        if masks is not None:
+            frac = masks.active_fraction.cpu()
+        else:
+            frac = torch.ones((sched.num_steps, B), dtype=torch.float64)
+        return SampleResult(self._to_image(z, x_up), frac, frac.mean(0), train_t.cpu())
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_extra(self) -> dict:
+        return {"family": self.family, "schedule": self.schedule_settings.to_dict(), "yoda": self.yoda.to_dict()}
+
+    def save(self, path, model_config, *, ema=None, extra: dict | None = None) -> None:
+        from .models.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self.model, model_config, extra={**self.checkpoint_extra(), **(extra or {})}, ema=ema)
+
+
+class SR3Diffusion(_DiffusionSR):
+    """SR3 (Saharia et al.): UNet(cat(x_up, z_t), sqrt(gamma)) predicts the noise of the HR image."""
+
+    family = "sr3"
+
+    @staticmethod
+    def default_schedule() -> ScheduleSettings:
+        return ScheduleSettings("linear", 500, 1e-6, 1e-2)
+
+    def _prepare(self, lr_m):
+        x_up = F.interpolate(lr_m, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return x_up, x_up, None
+
+    def _target(self, hr_m, x_up):
+        return hr_m
+
+    def _training_level(self, t, generator):
+        # SR3 samples sqrt(gamma) uniformly between the levels of t and t-1 so the model
+        # learns a continuum of noise levels (this is what makes respacing work).
+        hi = self.schedule.sqrt_alphas_cumprod[t.cpu() - 1]
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self.schedule.sqrt_alphas_cumprod[:-1]])
+        lo_level = prev[t.cpu() - 1]
+        u = torch.rand(t.shape, generator=generator, dtype=torch.float64)
+        return (hi + (lo_level - hi) * u).to(torch.float32)
+
+    def _predict_noise(self, z, t_train, level, x_up, cond):
+        return self.model(torch.cat([x_up, z], dim=1), level)
+
+    def _to_image(self, z0, x_up):
+        return ((z0 + 1) / 2).clamp(0, 1)
+
+
+class SRDiffDiffusion(_DiffusionSR):
+    """SRDiff (Li et al.): a UNet conditioned on RRDB features denoises the residual
+    (hr - x_up) * res_rescale; the LR branch's mean is 0."""
+
+    family = "srdiff"
+
+    def __init__(self, model, schedule=None, yoda=None, *, scale: int, res_rescale: float = 2.0):
+        super().__init__(model, schedule, yoda, scale=scale)
+        self.res_rescale = float(res_rescale)
+
+    @staticmethod
+    def default_schedule() -> ScheduleSettings:
+        return ScheduleSettings("cosine", 100)
+
+    def _prepare(self, lr_m):
+        x_up = F.interpolate(lr_m, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return x_up, None, self.model.encode(lr_m)
+
+    def _target(self, hr_m, x_up):
+        return (hr_m - x_up) * self.res_rescale
+
+    def _predict_noise(self, z, t_train, level, x_up, cond):
+        return self.model.denoise(z, t_train, cond)
+
+    def _to_image(self, z0, x_up):
+        return ((x_up + z0 / self.res_rescale + 1) / 2).clamp(0, 1)
+
+
+def build_diffusion(model, model_config, *, schedule: ScheduleSettings | dict | None = None, yoda: YodaSettings | dict | None = None):
+    """The diffusion wrapper of the model's family."""
+    if isinstance(schedule, dict):
+        schedule = ScheduleSettings.from_dict(schedule)
+    if isinstance(yoda, dict):
+        yoda = YodaSettings.from_dict(yoda)
+    family = getattr(model_config, "family", None)
+    if family == "sr3":
+        return SR3Diffusion(model, schedule, yoda, scale=model_config.scale)
+    if family == "srdiff":
+        if schedule is None:
+            schedule = ScheduleSettings("cosine", int(getattr(model_config, "timesteps", 100)))
+        return SRDiffDiffusion(model, schedule, yoda, scale=model_config.scale, res_rescale=getattr(model_config, "res_rescale", 2.0))
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def load_diffusion(path, *, expected_family: str | None = None, map_location="cpu", use_ema: bool = True):
+    """Load a checkpoint written by :meth:`save` / ``yoda-sparse train``: (diffusion, model_config, extra)."""
+    from .models.checkpoint import load_checkpoint
+
+    model, config, extra = load_checkpoint(path, expected_family=expected_family, map_location=map_location, use_ema=use_ema)
+    model.eval()
+    extra = extra or {}
+    diff = build_diffusion(model, config, schedule=extra.get("schedule"), yoda=extra.get("yoda"))
+    return diff, config, extra
+

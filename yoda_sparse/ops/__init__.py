@@ -1,0 +1,200 @@
+"""Public YODA ops: validate, then dispatch to the best registered backend.
+
+* :func:`masked_l1_loss` — eq. 10, the masked L1 noise loss (differentiable).
+* :func:`yoda_step` — eq. 11-14, one masked reverse step t -> t-1.
+
+Each op has a pure-PyTorch reference (``yoda_sparse.ops.reference``, the truth) and backends
+registered in ``yoda_sparse.ops.registry`` (CUDA extension, Triton, C++ CPU). Set
+``YODA_SPARSE_BACKEND`` (or pass ``backend=``) to force one.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference, registry
+from .reference import LR_BRANCHES, NORMALIZATIONS, VARIANCES
+from .registry import NoBackendError, backends, describe, dispatch, register_backend, select
+
+__all__ = [
+    "masked_l1_loss",
+    "yoda_step",
+    "step_coefficients",
+    "register_backend",
+    "backends",
+    "select",
+    "describe",
+    "NoBackendError",
+]
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_float(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype} (convert integer images to float first)")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape [B, C, H, W], got {tuple(x.shape)}")
+    return x
+
+
+def _check_like(name: str, x, ref: torch.Tensor, ref_name: str) -> None:
+    _check_float(name, x)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device ({ref.device}), got {x.device}")
+
+
+def _check_mask(mask, ref: torch.Tensor, *, allow_float: bool) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not (allow_float and mask.is_floating_point()):
+        kinds = "bool or floating" if allow_float else "bool (eq. 9 masks are binary)"
+        raise TypeError(f"mask must be {kinds}, got {mask.dtype}")
+    B, _, H, W = ref.shape
+    if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (H, W):
+        raise ValueError(f"mask must have shape [B, 1, H, W] = {(B, 1, H, W)} (broadcast over channels), got {tuple(mask.shape)}")
+    if mask.device != ref.device:
+        raise ValueError(f"mask must be on the device of the images ({ref.device}), got {mask.device}")
+
+
+# ---------------------------------------------------------------------------- masked L1 loss
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, normalize: str = "all", *, backend: str | None = None) -> torch.Tensor:
+    """Eq. 10: ``sum |M(t) * (pred - target)| / denominator``, differentiable in pred and target.
+
+    Args:
+        pred, target: floating [B,C,H,W] (the predicted and the true noise), same dtype/device.
+        mask: [B,1,H,W] bool (eq. 9) or floating weights; broadcast over channels, never
+            materialised per channel. Not differentiated.
+        normalize: "all" divides by B*C*H*W, as SR3's L1 loss averages over every element
+            (inactive pixels count as zero error); "active" divides by C times the number of
+            active pixels (the mean error over the active area; 0 for an empty mask);
+            "sum" returns the plain sum.
+    Returns: a 0-d tensor of pred's dtype (accumulated in float32, float64 for float64).
+    """
+    _check_float("pred", pred)
+    _check_like("target", target, pred, "pred")
+    _check_mask(mask, pred, allow_float=True)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    return dispatch("masked_l1_loss", pred, target, mask, normalize, backend=backend)
+
+
+# ---------------------------------------------------------------------------- YODA step
+def step_coefficients(schedule, t: int, *, lr_branch: str = "forward", variance: str = "fixed_small") -> dict:
+    """The scalars a backend needs for reverse step t -> t-1 (see reference.yoda_step_from_coefficients)."""
+    if lr_branch not in LR_BRANCHES:
+        raise ValueError(f"lr_branch must be one of {LR_BRANCHES}, got {lr_branch!r}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    c = schedule.coefficients(t)
+    sigma = c.sigma(variance)
+    lr_scale, lr_sigma = reference.lr_branch_coefficients(lr_branch, c.alphas_cumprod_prev, sigma)
+    return dict(
+        sqrt_recip_ac=c.sqrt_recip_alphas_cumprod,
+        sqrt_recipm1_ac=c.sqrt_recipm1_alphas_cumprod,
+        coef1=c.posterior_mean_coef1,
+        coef2=c.posterior_mean_coef2,
+        sigma=sigma,
+        lr_scale=lr_scale,
+        lr_sigma=lr_sigma,
+    )
+
+
+def yoda_step(
+    z_t: torch.Tensor,
+    eps_pred: torch.Tensor,
+    x_bar: torch.Tensor | None,
+    mask: torch.Tensor,
+    t: int,
+    schedule,
+    *,
+    noise: torch.Tensor | None = None,
+    lr_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    lr_branch: str = "forward",
+    clip_x0: bool = False,
+    clip_range: tuple[float, float] = (-1.0, 1.0),
+    variance: str = "fixed_small",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One YODA reverse step t -> t-1, eq. 11-14.
+
+    Active area (``mask`` True): the DDPM posterior sample from the predicted noise,
+    ``mean = coef1 * x0_hat + coef2 * z_t`` with ``x0_hat = (z_t - sqrt(1-gamma_t) eps) / sqrt(gamma_t)``
+    (clipped to ``clip_range`` when ``clip_x0``, as SR3's code does), plus ``sigma_t * noise``;
+    sigma_t^2 is the posterior variance ("fixed_small") or beta_t ("fixed_large"), 0 at t = 1.
+
+    Rest: the LR branch around ``x_bar`` (the upsampled LR image for SR3; None, meaning 0,
+    for SRDiff's residual). ``lr_branch="forward"`` (default, Fig. 2) forward-diffuses x_bar
+    to level t-1: ``sqrt(gamma_{t-1}) x_bar + sqrt(1-gamma_{t-1}) lr_noise``;
+    ``"literal"`` is eq. 13 as written: ``x_bar + sigma_t lr_noise``.
+
+    Noise: pass ``noise`` (and optionally ``lr_noise``; it defaults to ``noise``, which is
+    statistically sound because each pixel uses exactly one of the two) for exact results;
+    or ``seed``/``offset`` for counter-based (Philox) noise generated inside the kernel —
+    deterministic per backend for the same (seed, offset), element i using counter
+    offset + i; or neither, and the noise is drawn with ``generator``.
+
+    Whether the model saw ``M(t) * z_t`` (eq. 11 literal) or ``z_t`` is the sampler's choice;
+    this op only consumes the predicted noise.
+
+    Args:
+        z_t, eps_pred: floating [B,C,H,W], same dtype and device.
+        x_bar: like z_t, or None (0).
+        mask: bool [B,1,H,W], eq. 9's M(t).
+        t: timestep of ``schedule`` (1..len(schedule)).
+        schedule: a :class:`yoda_sparse.NoiseSchedule` (respaced ones included).
+    """
+    _check_float("z_t", z_t)
+    _check_like("eps_pred", eps_pred, z_t, "z_t")
+    if x_bar is not None:
+        _check_like("x_bar", x_bar, z_t, "z_t")
+    _check_mask(mask, z_t, allow_float=False)
+    if not hasattr(schedule, "coefficients"):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    t = schedule.check_t(t)
+    coeffs = step_coefficients(schedule, t, lr_branch=lr_branch, variance=variance)
+    lo, hi = (float(v) for v in clip_range)
+    if not lo < hi:
+        raise ValueError(f"clip_range must be (low, high) with low < high, got {clip_range!r}")
+    if noise is not None:
+        _check_like("noise", noise, z_t, "z_t")
+        if seed is not None:
+            raise ValueError("pass either noise or seed, not both")
+    if lr_noise is not None:
+        if noise is None:
+            raise ValueError("lr_noise needs noise too (or neither)")
+        _check_like("lr_noise", lr_noise, z_t, "z_t")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    elif noise is None:
+        noise = torch.randn(z_t.shape, generator=generator, device=z_t.device, dtype=z_t.dtype)
+    return dispatch(
+        "yoda_step", z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, (lo, hi), backend=backend
+    )
+
+
+# ---------------------------------------------------------------------------- reference backends
+def _reference_yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, clip_range):
+    if noise is None:
+        # Counter-based noise on the reference path: a generator seeded from (seed, offset).
+        g = torch.Generator(device=z_t.device)
+        g.manual_seed((seed * 1_000_003 + offset) % (2**63))
+        noise = torch.randn(z_t.shape, generator=g, device=z_t.device, dtype=z_t.dtype)
+    return reference.yoda_step_from_coefficients(
+        z_t, eps_pred, x_bar, mask, noise, noise if lr_noise is None else lr_noise,
+        clip_x0=clip_x0, clip_range=clip_range, **coeffs,
+    )
+
+
+register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priority=0)
+register_backend("yoda_step", "reference", _reference_yoda_step, priority=0)
