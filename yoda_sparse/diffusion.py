@@ -263,8 +263,9 @@ class _DiffusionSR(abc.ABC):
         if masks is not None:
             n = sched.num_steps
             level = torch.full((B,), sched.coefficients(n).noise_level, dtype=dtype, device=device)
-            start_noise = randn()
-            z = torch.where(masks.mask(0), z, self._lr_branch_at(x_bar, train_t[:1].expand(B).to(device), start_noise, level))
+            # the same draw serves both areas: each pixel uses exactly one of them, and an
+            # all-ones mask then consumes the generator exactly as the dense run does
+            z = torch.where(masks.mask(0), z, self._lr_branch_at(x_bar, train_t[:1].expand(B).to(device), z, level))
         levels = sched.sqrt_alphas_cumprod.to(torch.float32)
         for i in tqdm(range(sched.num_steps), disable=not progress, desc="yoda" if masks is not None else "dense", leave=False):
             t = sched.num_steps - i
