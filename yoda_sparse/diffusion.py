@@ -370,10 +370,18 @@ def build_diffusion(model, model_config, *, schedule: ScheduleSettings | dict | 
     raise ValueError(f"unknown model family {family!r}")
 
 
-def load_diffusion(path, *, expected_family: str | None = None, map_location="cpu", use_ema: bool = True):
-    """Load a checkpoint written by :meth:`save` / ``yoda-sparse train``: (diffusion, model_config, extra)."""
-    from .models.checkpoint import load_checkpoint
+def load_diffusion(path, *, expected_family: str | None = None, map_location="cpu", use_ema: bool | None = None):
+    """Load a checkpoint written by :meth:`save` / ``yoda-sparse train``: (diffusion, model_config, extra).
 
+    ``use_ema=None`` takes the EMA weights when the checkpoint has them (they are what one
+    samples with), the raw weights otherwise.
+    """
+    from pathlib import Path
+
+    from .models.checkpoint import _read_metadata, load_checkpoint
+
+    if use_ema is None:
+        use_ema = _read_metadata(Path(path)).get("has_ema") == "true"
     model, config, extra = load_checkpoint(path, expected_family=expected_family, map_location=map_location, use_ema=use_ema)
     model.eval()
     extra = extra or {}
