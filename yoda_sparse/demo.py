@@ -41,8 +41,6 @@ def mask_demo(out_dir: Path, *, image: str = DEMO_IMAGE, size: int = 128, scale:
               T: int = 500, steps: int = 200, dino_weights: dict[str, str] | None = None, log=print) -> dict[str, float]:
     """Update ratio per attention method for one bundled image; writes masks_over_time.png."""
     from .imageio import bicubic_downscale, bicubic_upscale
-    from .plots import save_mask_strip
-
     hr = _demo_image(image, size)
     x_up = bicubic_upscale(bicubic_downscale(hr, scale), scale)
     timesteps = NoiseSchedule.linear(T).respace(steps).timesteps.flip(0)
@@ -61,9 +59,33 @@ def mask_demo(out_dir: Path, *, image: str = DEMO_IMAGE, size: int = 128, scale:
             f"(closed form mean(min(1, M+l)) = {100 * float((attn + lower_bound).clamp(max=1).mean()):5.1f}%)")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "masks_over_time.png"
-    save_mask_strip({n: s.masks()[:, 0] for n, s in strips.items()}, path, n=8, image=hr[0])
-    log(f"[masks] wrote {path}")
+    _save_masks_over_time(hr[0], strips, path)
+    log(f"[masks] wrote {path} (one row per method, white = updated at that step)")
     return ratios
+
+
+def _save_masks_over_time(image: torch.Tensor, schedules: dict, path: Path, n: int = 8) -> None:
+    """One row per method: the method's name, then its mask at n evenly spaced steps."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .imageio import atomic_write
+    from .plots import mask_strip
+
+    font = ImageFont.load_default()
+    rows = []
+    for name, sched in schedules.items():
+        labels = [f"t={int(t)}" for t in sched.timesteps.tolist()]
+        strip = mask_strip(sched.masks()[:, 0].cpu(), n, labels=labels)
+        head = Image.new("RGB", (strip.shape[1], 16), (255, 255, 255))
+        ImageDraw.Draw(head).text((2, 2), f"{name}: update ratio {100 * float(sched.update_ratio.mean()):.1f}%", fill=(0, 0, 0), font=font)
+        rows += [np.asarray(head), strip]
+    thumb = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    width = max(r.shape[1] for r in rows)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
+    canvas = np.concatenate([pad(thumb)] + [pad(r) for r in rows], axis=0)
+    with atomic_write(path) as f:
+        Image.fromarray(canvas).save(f, format="PNG")
 
 
 def sr_demo(out_dir: Path, checkpoint: Path, *, image: str, steps: int | None, seed: int = 0, log=print) -> dict:

@@ -1,0 +1,125 @@
+"""The command line end to end on a tiny random model (bad input included)."""
+import json
+
+import pytest
+import torch
+
+from yoda_sparse.cli import main
+from yoda_sparse.diffusion import ScheduleSettings, YodaSettings, build_diffusion
+from yoda_sparse.imageio import save_image
+from yoda_sparse.models import build_model, get_model_config
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name in ("sr3_tiny", "srdiff_tiny"):
+        cfg = get_model_config(name)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        sched = ScheduleSettings("linear", 20, 1e-4, 0.1) if cfg.family == "sr3" else ScheduleSettings("cosine", 20)
+        diff = build_diffusion(model, cfg, schedule=sched, yoda=YodaSettings(attention="gaussian", lower_bound=0.3))
+        path = root / f"{name}.safetensors"
+        diff.save(path, cfg, ema=model.state_dict())
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("img")
+    torch.manual_seed(1)
+    paths = {}
+    for name, (h, w) in {"a": (13, 11), "b": (16, 16)}.items():  # odd sizes: padded and cropped back
+        paths[name] = root / f"{name}.png"
+        save_image(torch.rand(3, h, w), paths[name])
+    return paths
+
+
+def test_upscale_end_to_end(tiny_checkpoints, images, tmp_path, capsys):
+    out = tmp_path / "sr"
+    out.mkdir()
+    rc = main(["upscale", str(images["a"]), str(images["b"]), "--out", str(out), "--checkpoint",
+               str(tiny_checkpoints["sr3_tiny"]), "--steps", "4", "--save-attention", "--save-masks", "--no-progress"])
+    assert rc == 0
+    from PIL import Image
+
+    assert Image.open(out / "a_x4.png").size == (44, 52)
+    assert Image.open(out / "b_x4.png").size == (64, 64)
+    assert (out / "a_attention.png").exists() and (out / "a_masks.png").exists()
+    assert "update ratio" in capsys.readouterr().out
+    rc = main(["upscale", str(images["a"]), "--out", str(out), "--checkpoint", str(tiny_checkpoints["srdiff_tiny"]),
+               "--steps", "3", "--dense", "--no-progress"])
+    assert rc == 0
+
+
+def test_upscale_is_seeded(tiny_checkpoints, images, tmp_path):
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"o{k}"
+        out.mkdir()
+        main(["upscale", str(images["b"]), "--out", str(out), "--checkpoint", str(tiny_checkpoints["sr3_tiny"]),
+              "--steps", "3", "--seed", "5", "--no-progress"])
+        outs.append((out / "b_x4.png").read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_eval_end_to_end(tiny_checkpoints, images, tmp_path):
+    from yoda_sparse.imageio import bundled_images
+
+    data = tmp_path / "hr"
+    data.mkdir()
+    img = bundled_images()["astronaut"]()[:, ::8, ::8][:, :40, :40]
+    save_image(img, data / "astro.png")
+    out = tmp_path / "eval"
+    rc = main(["eval", str(data), "--checkpoint", str(tiny_checkpoints["sr3_tiny"]), "--out", str(out), "--steps", "3",
+               "--dense", "--crop", "32", "--ratio-methods", "edge"])
+    assert rc == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["summary"]) == {"yoda", "dense", "bicubic"}
+    assert report["lpips"].startswith("LPIPS unavailable")
+    assert 0 < report["summary"]["yoda"]["update_ratio"] <= 1
+    for f in ("results.csv", "update_ratio.png", "refined_area.png"):
+        assert (out / f).exists()
+
+
+@pytest.mark.parametrize("case", ["corrupt", "missing_out", "wrong_scale", "tiny_image", "missing_ckpt"])
+def test_bad_input_is_one_line_and_nonzero(case, tiny_checkpoints, images, tmp_path, capsys):
+    ckpt = str(tiny_checkpoints["sr3_tiny"])
+    out = tmp_path / "out"
+    out.mkdir()
+    img = str(images["a"])
+    args = ["upscale", img, "--out", str(out), "--checkpoint", ckpt, "--steps", "2", "--no-progress"]
+    if case == "corrupt":
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"\x89PNG not really")
+        args[1] = str(bad)
+    elif case == "missing_out":
+        args[3] = str(tmp_path / "nope")
+    elif case == "wrong_scale":
+        args += ["--scale", "8"]
+    elif case == "tiny_image":
+        small = tmp_path / "small.png"
+        save_image(torch.rand(3, 4, 4), small)
+        args[1] = str(small)
+    elif case == "missing_ckpt":
+        args[5] = str(tmp_path / "none.safetensors")
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert not list(out.glob("*.png"))  # nothing half-written
+
+
+def test_wrong_family_checkpoint(tiny_checkpoints):
+    from yoda_sparse.diffusion import load_diffusion
+
+    with pytest.raises(ValueError, match="expected sr3"):
+        load_diffusion(tiny_checkpoints["srdiff_tiny"], expected_family="sr3")
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "yoda_step" in out and "reference" in out
