@@ -213,7 +213,8 @@ class _DiffusionSR(abc.ABC):
             z = torch.where(mask, z, self._lr_branch_at(x_bar, t, noise, level))
             if self.yoda.masked_input:
                 z = z * mask
-        eps = self._predict_noise(z, t, level, x_up, cond)
+        # under autocast the network may answer in bf16/fp16: the loss is taken in the data's dtype
+        eps = self._predict_noise(z, t, level, x_up, cond).to(noise.dtype)
         if mask is None:
             return (eps - noise).abs().mean()
         return ops.masked_l1_loss(eps, noise, mask, normalize=self.yoda.loss_normalize)
@@ -385,6 +386,11 @@ def load_diffusion(path, *, expected_family: str | None = None, map_location="cp
     model, config, extra = load_checkpoint(path, expected_family=expected_family, map_location=map_location, use_ema=use_ema)
     model.eval()
     extra = extra or {}
-    diff = build_diffusion(model, config, schedule=extra.get("schedule"), yoda=extra.get("yoda"))
+    yoda = extra.get("yoda")
+    if "yoda" in extra and yoda is None:
+        # trained dense: default step settings and no attention method, so callers sample
+        # dense unless they name an attention map themselves
+        yoda = YodaSettings(attention=None)
+    diff = build_diffusion(model, config, schedule=extra.get("schedule"), yoda=yoda)
     return diff, config, extra
 

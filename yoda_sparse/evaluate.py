@@ -152,15 +152,16 @@ def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=Non
                   lower_bound=diff.yoda.lower_bound, steps=len(sched), images=len(paths),
                   metric_convention="PSNR/SSIM on the Y channel (BT.601), border of `scale` pixels cropped",
                   lpips=None if lpips_metric is not None else f"LPIPS unavailable: {lpips_reason}",
-                  summary=summary, update_ratio_by_method={m: sum(v) / len(v) for m, v in ratios.items()}, per_image=rows)
+                  summary=summary, update_ratio_by_method={m: sum(v) / len(v) for m, v in ratios.items() if v}, per_image=rows)
     _write_atomic(out / "results.json", json.dumps(report, indent=2))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["image", "run", "psnr", "ssim", "lpips", "update_ratio", "colour_shift"])
     writer.writeheader()
     writer.writerows(rows)
     _write_atomic(out / "results.csv", buf.getvalue())
-    plot_update_ratio(ratios, out / "update_ratio.png")
-    plot_refined_area({m: torch.stack(c).mean(0).numpy() for m, c in curves.items()}, timesteps.numpy(), out / "refined_area.png")
+    if ratios:
+        plot_update_ratio(ratios, out / "update_ratio.png")
+        plot_refined_area({m: torch.stack(c).numpy() for m, c in curves.items()}, timesteps.numpy(), out / "refined_area.png")
     for run, s in summary.items():
         log(f"{run:>8s}: " + "  ".join(f"{k} {v:.4f}" for k, v in s.items() if v is not None))
     log(f"wrote {out / 'results.json'}, results.csv, update_ratio.png, refined_area.png")

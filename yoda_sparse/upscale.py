@@ -60,9 +60,9 @@ def upscale_from_args(args) -> int:
         diff.yoda = replace(diff.yoda, lower_bound=args.lower_bound)
     method = args.attention or diff.yoda.attention
     extractor = None
-    if not args.dense:
-        if not method:
-            raise ValueError("the checkpoint names no attention method: pass --attention or --dense")
+    if not args.dense and not method:
+        print("the checkpoint was trained dense and --attention names no map: sampling dense", file=sys.stderr)
+    elif not args.dense:
         kwargs = {"weights": args.attention_weights} if args.attention_weights else {}
         extractor = get_attention(method, **kwargs).to(args.device)
     multiple = _lr_multiple(int(getattr(diff.model, "size_multiple", 1)), diff.scale)

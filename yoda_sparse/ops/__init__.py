@@ -198,3 +198,5 @@ def _reference_yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offs
 
 register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priority=0)
 register_backend("yoda_step", "reference", _reference_yoda_step, priority=0)
+
+from . import triton_backend  # noqa: E402,F401

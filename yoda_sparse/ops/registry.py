@@ -30,6 +30,9 @@ class Backend:
     priority: int
     unsupported: Callable[..., str | None] = lambda *a, **k: None
     available: Callable[[], str | None] = lambda: None
+    # Inputs the backend serves only when forced (e.g. Triton's CPU interpreter, a testing
+    # tool): a reason here keeps automatic dispatch away without forbidding a forced call.
+    forced_only: Callable[..., str | None] = lambda *a, **k: None
     _availability: list = field(default_factory=list, repr=False)
 
     def availability(self) -> str | None:
@@ -53,13 +56,16 @@ class NoBackendError(RuntimeError):
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 
-def register_backend(op: str, name: str, fn: Callable, *, priority: int, unsupported=None, available=None) -> Backend:
+def register_backend(op: str, name: str, fn: Callable, *, priority: int, unsupported=None, available=None,
+                     forced_only=None) -> Backend:
     """Register (or replace) backend ``name`` of ``op``."""
     b = Backend(op, name, fn, priority)
     if unsupported is not None:
         b.unsupported = unsupported
     if available is not None:
         b.available = available
+    if forced_only is not None:
+        b.forced_only = forced_only
     _REGISTRY.setdefault(op, {})[name] = b
     return b
 
@@ -99,7 +105,7 @@ def select(op: str, *args, backend: str | None = None, **kwargs) -> Backend:
         return by_name[forced]
     reasons = []
     for b in candidates:
-        reason = b.why_not(*args, **kwargs)
+        reason = b.why_not(*args, **kwargs) or b.forced_only(*args, **kwargs)
         if reason is None:
             return b
         reasons.append(f"  {b.name}: {reason}")
