@@ -97,3 +97,15 @@ def test_bad_inputs():
         YodaSettings(lower_bound=1.5)
     with pytest.raises(ValueError, match="unknown yoda settings fields"):
         YodaSettings.from_dict({"lower_bound": 0.2, "bogus": 1})
+
+
+def test_in_kernel_noise_sampling_is_seeded():
+    diff, cfg = _make("sr3_tiny")
+    _, lr = _pair(cfg)
+    attn = torch.rand(2, 1, 8, 8)
+    a = diff.sample(lr, attn, steps=4, seed=11, progress=False, backend="reference")
+    b = diff.sample(lr, attn, steps=4, seed=11, progress=False, backend="reference")
+    c = diff.sample(lr, attn, steps=4, seed=12, progress=False, backend="reference")
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    with pytest.raises(ValueError, match="either generator or seed"):
+        diff.sample(lr, attn, steps=2, seed=1, generator=torch.Generator(), progress=False)
