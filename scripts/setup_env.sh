@@ -17,6 +17,8 @@ fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
+# a C++ or CUDA compile error must fail the set-up (and so CI), never be skipped
+export YODA_SPARSE_REQUIRE_EXT="${YODA_SPARSE_REQUIRE_EXT:-1}"
 
 stamp="$venv/.yoda-sparse-installed"
 want="$(cat "$root/requirements-pinned.txt" "$root/pyproject.toml" "$root/setup.py" $(ls "$root"/csrc/* 2>/dev/null) | sha256sum | cut -d' ' -f1)"

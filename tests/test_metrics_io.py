@@ -374,7 +374,9 @@ def test_save_image_failure_is_atomic(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(yio.os, "replace", broken_replace)
+    import yoda_sparse.atomic
+
+    monkeypatch.setattr(yoda_sparse.atomic.os, "replace", broken_replace)
     with pytest.raises(ImageError, match="rename failed"):
         save_image(torch.ones(3, 4, 4), dest)
     assert dest.read_bytes() == before and _leftovers(tmp_path) == []

@@ -13,12 +13,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -67,17 +67,8 @@ def _centre_crop(img: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, mode="w") as f:
+        f.write(text)
 
 
 def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=None, ratio_methods=("gaussian", "edge", "sift"),

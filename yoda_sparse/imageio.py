@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +26,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .atomic import atomic_write as _atomic_write
 
 __all__ = [
     "ImageError",
@@ -54,39 +54,13 @@ class ImageError(ValueError):
 # --------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_write(path, *, make_dirs: bool = False) -> Iterator:
-    """Context manager yielding a binary file object whose contents replace ``path`` atomically.
-
-    The data go to a temp file in the destination folder; on success it is flushed, fsynced and
-    renamed over ``path`` (``os.replace``); on any exception the temp file is removed and
-    ``path`` is left untouched.  A missing parent folder raises :class:`ImageError` unless
-    ``make_dirs=True``.
-    """
+    """:func:`yoda_sparse.atomic.atomic_write` (binary), with a missing parent folder reported
+    as :class:`ImageError` unless ``make_dirs=True``."""
     path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        if make_dirs:
-            parent.mkdir(parents=True, exist_ok=True)
-        else:
-            raise ImageError(f"cannot write {path}: folder {parent} does not exist (pass make_dirs=True to create it)")
-    tmp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 lets the umask decide the final permissions (mkstemp would give 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX only)
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    if not make_dirs and not path.parent.is_dir():
+        raise ImageError(f"cannot write {path}: folder {path.parent} does not exist (pass make_dirs=True to create it)")
+    with _atomic_write(path, make_dirs=make_dirs) as f:
+        yield f
 
 
 # --------------------------------------------------------------------------- loading

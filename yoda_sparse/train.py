@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_write, fsync_dir
 from .data import ImageFolderPairs, SampleStream, attention_for_batch, batch_iterator, mix_seed
 from .diffusion import ScheduleSettings, YodaSettings, build_diffusion
 
@@ -356,22 +357,11 @@ def find_latest_checkpoint(out_dir) -> Path | None:
 
 
 def _write_atomic(path: Path, data: bytes | Callable) -> None:
-    from .imageio import atomic_write
-
     with atomic_write(path) as f:
         if callable(data):
             data(f)
         else:
             f.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_checkpoint(out: Path, step: int, *, diffusion, model_config, ema: nn.Module, extra: dict,
@@ -386,14 +376,14 @@ def _write_checkpoint(out: Path, step: int, *, diffusion, model_config, ema: nn.
     _write_atomic(tmp / STATE_FILE, lambda f: torch.save(state, f))
     sizes = {n: (tmp / n).stat().st_size for n in (MODEL_FILE, STATE_FILE)}
     _write_atomic(tmp / DONE_FILE, json.dumps({"step": step, "files": sizes}).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = out / name
     if final.exists():  # left by a killed run after a resume from an older checkpoint
         stale = out / f".{name}.stale-{os.getpid()}"
         os.replace(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(out)
+    fsync_dir(out)
     _write_atomic(out / LATEST, (name + "\n").encode())
     _publish_latest_model(final / MODEL_FILE, out / LATEST_MODEL)
     for s, p in _complete_folders(out)[:-keep]:
@@ -413,7 +403,7 @@ def _publish_latest_model(src: Path, dst: Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _clean_leftovers(out: Path, latest: Path | None, log) -> None:

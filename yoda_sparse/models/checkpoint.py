@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from .configs import ModelConfig, build_model, config_from_dict
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata"]
@@ -94,38 +94,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConf
         "extra": extra_json,
         "has_ema": "true" if ema is not None else "false",
     }
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a checkpoint is meant to be shared
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Make the rename itself durable; not possible on every platform (e.g. Windows).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

@@ -200,3 +200,4 @@ register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priori
 register_backend("yoda_step", "reference", _reference_yoda_step, priority=0)
 
 from . import triton_backend  # noqa: E402,F401
+from . import cpp_backend  # noqa: E402,F401

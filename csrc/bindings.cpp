@@ -1,0 +1,51 @@
+// Op schemas of the yoda-sparse C++/CUDA extension and their CPU/CUDA kernels.
+//
+// FRAGMENT, not TORCH_LIBRARY: Python registers other ops in the same `yoda_sparse` namespace.
+// The fake (meta) kernels and the autograd formula are registered from Python
+// (yoda_sparse/ops/cpp_backend.py), as pytorch/extension-cpp does.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "yoda_ops.h"
+
+extern "C" {
+// `import yoda_sparse._C` only has to load the library (the static initialisers below register
+// the ops); a module without methods avoids pybind11 and keeps the build fast.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "yoda-sparse C++/CUDA ops (registered as torch.ops.yoda_sparse.ext_*)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
+  // Eq. 10 forward: (loss in pred's dtype, denominator in the accumulation dtype);
+  // normalize: 0 = "all", 1 = "active", 2 = "sum".
+  m.def("ext_masked_l1_fwd(Tensor pred, Tensor target, Tensor mask, int normalize) -> (Tensor, Tensor)");
+  // Eq. 10 backward: grad_pred = grad * sign(pred - target) * mask / denom (sign(0) = 0);
+  // grad_target = -grad_pred is formed only when target needs a gradient (it rarely does: the
+  // target is the true noise), which saves a full-size write in training.
+  m.def("ext_masked_l1_bwd(Tensor grad, Tensor pred, Tensor target, Tensor mask, Tensor denom) -> Tensor");
+  // Eq. 11-14, one masked reverse step; noise None -> Philox noise from (seed, offset).
+  // params: float64 CPU [9] = sqrt_recip_ac, sqrt_recipm1_ac, coef1, coef2, sigma, lr_scale,
+  // lr_sigma, clip_lo, clip_hi (a tensor, not float[]: under torch.compile these are traced
+  // SymFloats, which float[] cannot take); seed/offset are SymInt for the same reason.
+  m.def(
+      "ext_yoda_step(Tensor z, Tensor eps, Tensor? x_bar, Tensor mask, Tensor? noise, Tensor? lr_noise, SymInt seed, "
+      "SymInt offset, Tensor params, bool clip_x0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
+  m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cpu);
+  m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cpu);
+  m.impl("ext_yoda_step", &yoda::yoda_step_cpu);
+}
+
+#ifdef YODA_WITH_CUDA
+TORCH_LIBRARY_IMPL(yoda_sparse, CUDA, m) {
+  m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cuda);
+  m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cuda);
+  m.impl("ext_yoda_step", &yoda::yoda_step_cuda);
+}
+#endif

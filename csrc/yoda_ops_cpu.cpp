@@ -1,0 +1,572 @@
+// CPU kernels of the yoda-sparse ops: one pass over memory, parallel over image rows
+// (b, c, h) with at::parallel_for, inner loops over w that the compiler vectorises when every
+// operand has unit w-stride.  Reductions are deterministic whatever the thread count and the
+// vector width: each row writes its partial sums to its own slot (8 fixed lanes inside the
+// row), the slots are summed in row order in float64.
+//
+// Build flags matter: -O3 -fno-math-errno (sqrt must not set errno, or the noise loop does
+// not vectorise) and -ffp-contract=off (no FMA contraction, so the Philox normals are
+// bit-identical to the CUDA ones; see philox.h).
+#include "yoda_ops.h"
+#include "philox.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+namespace yoda {
+namespace {
+
+// GCC/Clang function multi-versioning: an AVX2 clone of the Box-Muller loop is picked at load
+// time on CPUs that have it (same results: no FMA, same IEEE float ops).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(YODA_NO_TARGET_CLONES)
+#define YODA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define YODA_CLONES
+#endif
+
+constexpr int64_t kElementsPerTask = 32768;  // grain of parallel_for, in elements
+
+int64_t row_grain(int64_t W) {
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(W, 1));
+}
+
+// Position of row r = (b * C + c) * H + h, advanced incrementally inside a task.
+struct RowPos {
+  int64_t b, c, h;
+};
+
+inline RowPos row_pos(int64_t r, int64_t C, int64_t H) {
+  const int64_t bc = r / H;
+  return {bc / C, bc % C, r % H};
+}
+
+inline void next_row(RowPos& p, int64_t C, int64_t H) {
+  if (++p.h == H) {
+    p.h = 0;
+    if (++p.c == C) {
+      p.c = 0;
+      ++p.b;
+    }
+  }
+}
+
+inline int64_t row_offset(const Strides4& s, const RowPos& p) {
+  return p.b * s.b + p.c * s.c + p.h * s.h;
+}
+
+inline int64_t mask_row_offset(const Strides4& s, const RowPos& p) {
+  return p.b * s.b + p.h * s.h;
+}
+
+template <bool kContig>
+inline int64_t at_w(int64_t w, int64_t stride) {
+  return kContig ? w : w * stride;
+}
+
+struct Geometry {
+  int64_t B, C, H, W;
+  int64_t rows() const { return B * C * H; }
+};
+
+Geometry geometry_of(const at::Tensor& t) {
+  return {t.size(0), t.size(1), t.size(2), t.size(3)};
+}
+
+// ------------------------------------------------------------------------------- noise
+constexpr int kNoiseChunk = 64;      // Philox blocks per inner batch (256 normals)
+constexpr int64_t kNoiseGroup = 4096;  // normals drawn per batch of rows
+
+// Philox words of blocks blk .. blk + cnt - 1 as Box-Muller pairs: pair 2 j = (x, y) of block j,
+// pair 2 j + 1 = (z, w).  Portable version (gcc vectorises it, but emulates the 32x32->64-bit
+// products poorly) ...
+void philox_pairs_generic(uint64_t seed, uint64_t blk, int cnt, uint32_t* __restrict a, uint32_t* __restrict b) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int j = 0; j < cnt; ++j) {
+    const uint64_t ctr = blk + static_cast<uint64_t>(j);
+    const philox::U4 r = philox::philox4x32_10(
+        philox::U4{static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u, 0u}, k0, k1);
+    a[2 * j] = r.x;
+    b[2 * j] = r.y;
+    a[2 * j + 1] = r.z;
+    b[2 * j + 1] = r.w;
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(YODA_NO_TARGET_CLONES)
+#define YODA_HAVE_AVX2_PHILOX 1
+// ... and an AVX2 one, 16 blocks per step in two independent groups of 8 (one group alone is
+// bound by the latency of a round): the high and low halves of the products come from two
+// vpmuludq (even and odd 32-bit lanes) and two blends.  Integer ops only: the same words.
+struct Philox8 {
+  __m256i c0, c1, c2, c3;
+};
+
+__attribute__((target("avx2"), always_inline)) inline Philox8 philox8_counters(uint64_t first) {
+  Philox8 g;
+  if (static_cast<uint32_t>(first) <= 0xFFFFFFF8u) {  // no carry into the high word in these 8
+    g.c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    g.c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  } else {
+    alignas(32) uint32_t lo[8], hi[8];
+    for (int l = 0; l < 8; ++l) {
+      lo[l] = static_cast<uint32_t>(first + l);
+      hi[l] = static_cast<uint32_t>((first + l) >> 32);
+    }
+    g.c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+    g.c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  }
+  g.c2 = _mm256_setzero_si256();
+  g.c3 = _mm256_setzero_si256();
+  return g;
+}
+
+__attribute__((target("avx2"), always_inline)) inline void philox8_round(Philox8& g, __m256i k0, __m256i k1) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kM1));
+  const __m256i p0e = _mm256_mul_epu32(g.c0, m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(g.c0, 32), m0);
+  const __m256i p1e = _mm256_mul_epu32(g.c2, m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(g.c2, 32), m1);
+  const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+  const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+  const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+  const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
+  g.c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, g.c1), k0);
+  g.c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, g.c3), k1);
+  g.c1 = lo1;
+  g.c3 = lo0;
+}
+
+// (x, z) of blocks 0..7 -> a[0..15] and (y, w) -> b[0..15], interleaved per block: unpack
+// within the 128-bit halves, then put the halves in order.
+__attribute__((target("avx2"), always_inline)) inline void philox8_store(const Philox8& g, uint32_t* a, uint32_t* b) {
+  const __m256i xz_lo = _mm256_unpacklo_epi32(g.c0, g.c2), xz_hi = _mm256_unpackhi_epi32(g.c0, g.c2);
+  const __m256i yw_lo = _mm256_unpacklo_epi32(g.c1, g.c3), yw_hi = _mm256_unpackhi_epi32(g.c1, g.c3);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), _mm256_permute2x128_si256(xz_lo, xz_hi, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 8), _mm256_permute2x128_si256(xz_lo, xz_hi, 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(b), _mm256_permute2x128_si256(yw_lo, yw_hi, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + 8), _mm256_permute2x128_si256(yw_lo, yw_hi, 0x31));
+}
+
+__attribute__((target("avx2"))) void philox_pairs_avx2(uint64_t seed, uint64_t blk, int cnt,
+                                                       uint32_t* __restrict a, uint32_t* __restrict b) {
+  const __m256i w0 = _mm256_set1_epi32(static_cast<int>(philox::kW0));
+  const __m256i w1 = _mm256_set1_epi32(static_cast<int>(philox::kW1));
+  const __m256i key0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed)));
+  const __m256i key1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed >> 32)));
+  int j = 0;
+  for (; j + 16 <= cnt; j += 16) {
+    Philox8 g = philox8_counters(blk + static_cast<uint64_t>(j));
+    Philox8 h = philox8_counters(blk + static_cast<uint64_t>(j + 8));
+    __m256i k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      philox8_round(g, k0, k1);
+      philox8_round(h, k0, k1);
+      k0 = _mm256_add_epi32(k0, w0);
+      k1 = _mm256_add_epi32(k1, w1);
+    }
+    philox8_store(g, a + 2 * j, b + 2 * j);
+    philox8_store(h, a + 2 * j + 16, b + 2 * j + 16);
+  }
+  if (j < cnt) philox_pairs_generic(seed, blk + static_cast<uint64_t>(j), cnt - j, a + 2 * j, b + 2 * j);
+}
+#endif
+
+using PhiloxPairsFn = void (*)(uint64_t, uint64_t, int, uint32_t*, uint32_t*);
+
+// Picked once: the AVX2 version where the CPU has it, after checking that it reproduces the
+// portable one word for word (a cheap guard against a miscompiled or mis-dispatched path).
+PhiloxPairsFn philox_pairs_impl() {
+  static const PhiloxPairsFn impl = [] {
+#ifdef YODA_HAVE_AVX2_PHILOX
+    if (__builtin_cpu_supports("avx2")) {
+      uint32_t a0[2 * 37], b0[2 * 37], a1[2 * 37], b1[2 * 37];
+      const uint64_t seed = 0x0123456789abcdefULL, blk = 0x00000001fffffff3ULL;  // carries into the hi word
+      philox_pairs_generic(seed, blk, 37, a0, b0);
+      philox_pairs_avx2(seed, blk, 37, a1, b1);
+      TORCH_CHECK(std::memcmp(a0, a1, sizeof(a0)) == 0 && std::memcmp(b0, b1, sizeof(b0)) == 0,
+                  "yoda_sparse: the AVX2 Philox differs from the portable one (please report)");
+      return static_cast<PhiloxPairsFn>(&philox_pairs_avx2);
+    }
+#endif
+    return static_cast<PhiloxPairsFn>(&philox_pairs_generic);
+  }();
+  return impl;
+}
+
+// Box-Muller over 2 cnt independent pairs (vectorised; an AVX2 clone where available).
+YODA_CLONES void box_muller_pairs(const uint32_t* __restrict a, const uint32_t* __restrict b, int pairs,
+                                  float* __restrict out) {
+  alignas(64) float n0[2 * kNoiseChunk];
+  alignas(64) float n1[2 * kNoiseChunk];
+  for (int j = 0; j < pairs; ++j) philox::box_muller(a[j], b[j], &n0[j], &n1[j]);
+  for (int j = 0; j < pairs; ++j) {
+    out[2 * j] = n0[j];
+    out[2 * j + 1] = n1[j];
+  }
+}
+
+// out[4 j + l] = normal of counter 4 (blk + j) + l, j < cnt <= kNoiseChunk: pair 2 j holds
+// lanes 0,1 of block j and pair 2 j + 1 lanes 2,3, hence out[2 p + {0,1}].
+void philox_normal_blocks(PhiloxPairsFn philox_pairs, uint64_t seed, uint64_t blk, int cnt, float* out) {
+  alignas(64) uint32_t a[2 * kNoiseChunk];
+  alignas(64) uint32_t b[2 * kNoiseChunk];
+  philox_pairs(seed, blk, cnt, a, b);
+  box_muller_pairs(a, b, 2 * cnt, out);
+}
+
+// out[j] = standard normal of counter k0 + j, j < n (see philox.h for the mapping).
+void fill_normals(uint64_t seed, uint64_t k0, int64_t n, float* out) {
+  const uint64_t blk0 = k0 >> 2;
+  const int64_t skip = static_cast<int64_t>(k0 & 3u);
+  const int64_t nblk = (skip + n + 3) >> 2;
+  alignas(64) float tmp[4 * kNoiseChunk];
+  const PhiloxPairsFn philox_pairs = philox_pairs_impl();
+  for (int64_t j0 = 0; j0 < nblk; j0 += kNoiseChunk) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kNoiseChunk, nblk - j0));
+    philox_normal_blocks(philox_pairs, seed, blk0 + static_cast<uint64_t>(j0), cnt, tmp);
+    const int64_t first = 4 * j0 - skip;  // element index of tmp[0]
+    const int64_t t_begin = first < 0 ? -first : 0;
+    const int64_t t_end = std::min<int64_t>(4 * cnt, n - first);
+    if (t_end > t_begin) std::memcpy(out + first + t_begin, tmp + t_begin, sizeof(float) * (t_end - t_begin));
+  }
+}
+
+// ------------------------------------------------------------------------------- masked L1
+// s[j] += v[i] for i = j (mod 8): 8 fixed lanes, so the order of the additions (and the result)
+// does not depend on the vector width or the thread count.
+template <typename acc_t>
+inline void add_lanes8(const acc_t* __restrict v, int64_t n, acc_t* __restrict s) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += v[i + j];
+  for (int j = 0; i + j < n; ++j) s[j] += v[i + j];
+}
+
+template <typename acc_t>
+inline double sum_lanes8(const acc_t* s) {
+  return (double(s[0]) + double(s[1]) + double(s[2]) + double(s[3])) +
+         (double(s[4]) + double(s[5]) + double(s[6]) + double(s[7]));
+}
+
+constexpr int64_t kLossTile = 512;  // elements per tile of a row (2 acc_t tiles stay in L1)
+
+// Row sums of |p - t| m and of m.  Per tile: an elementwise loop into two small buffers
+// (vectorises for every dtype / mask type), then the fixed-lane sums of the buffers; summing
+// inside the elementwise loop would not vectorise (mixed-width loads in a reduction).
+template <typename scalar_t, typename mask_t, bool kContig>
+inline void l1_fwd_row(const scalar_t* __restrict p, const scalar_t* __restrict t, const mask_t* __restrict m,
+                       int64_t W, int64_t spw, int64_t stw, int64_t smw, double* row_sum, double* row_cnt) {
+  using acc_t = at::opmath_type<scalar_t>;
+  alignas(64) acc_t dv[kLossTile];
+  alignas(64) acc_t mv[kLossTile];
+  acc_t s[8] = {}, n[8] = {};
+  for (int64_t w0 = 0; w0 < W; w0 += kLossTile) {
+    const int64_t len = std::min<int64_t>(kLossTile, W - w0);
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t w = w0 + i;
+      const acc_t mm = static_cast<acc_t>(m[at_w<kContig>(w, smw)]);
+      dv[i] = std::abs(static_cast<acc_t>(p[at_w<kContig>(w, spw)]) - static_cast<acc_t>(t[at_w<kContig>(w, stw)])) * mm;
+      mv[i] = mm;
+    }
+    add_lanes8(dv, len, s);
+    add_lanes8(mv, len, n);
+  }
+  *row_sum = sum_lanes8(s);
+  *row_cnt = sum_lanes8(n);
+}
+
+template <typename scalar_t, typename mask_t, bool kContig>
+void l1_fwd_rows(const scalar_t* P, const scalar_t* T, const mask_t* M, Strides4 sp, Strides4 st, Strides4 sm,
+                 Geometry g, double* row_sum, double* row_cnt) {
+  at::parallel_for(0, g.rows(), row_grain(g.W), [&](int64_t begin, int64_t end) {
+    RowPos pos = row_pos(begin, g.C, g.H);
+    for (int64_t r = begin; r < end; ++r, next_row(pos, g.C, g.H)) {
+      l1_fwd_row<scalar_t, mask_t, kContig>(P + row_offset(sp, pos), T + row_offset(st, pos),
+                                            M + mask_row_offset(sm, pos), g.W, sp.w, st.w, sm.w, &row_sum[r],
+                                            &row_cnt[r]);
+    }
+  });
+}
+
+template <typename scalar_t, typename mask_t, bool kContig>
+inline void l1_bwd_row(const scalar_t* __restrict p, const scalar_t* __restrict t, const mask_t* __restrict m,
+                       scalar_t* __restrict gp, int64_t W, int64_t spw, int64_t stw, int64_t smw, int64_t sgw,
+                       at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t w = 0; w < W; ++w) {
+    const acc_t d = static_cast<acc_t>(p[at_w<kContig>(w, spw)]) - static_cast<acc_t>(t[at_w<kContig>(w, stw)]);
+    // sign(d) with sign(0) = 0; a NaN difference stays NaN
+    const acc_t sgn = d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : d);
+    const acc_t v = sgn * static_cast<acc_t>(m[at_w<kContig>(w, smw)]) * scale;
+    gp[at_w<kContig>(w, sgw)] = static_cast<scalar_t>(v);
+  }
+}
+
+template <typename scalar_t, typename mask_t, bool kContig>
+void l1_bwd_rows(const scalar_t* P, const scalar_t* T, const mask_t* M, scalar_t* GP, Strides4 sp, Strides4 st,
+                 Strides4 sm, Strides4 sg, Geometry g, at::opmath_type<scalar_t> scale) {
+  at::parallel_for(0, g.rows(), row_grain(g.W), [&](int64_t begin, int64_t end) {
+    RowPos pos = row_pos(begin, g.C, g.H);
+    for (int64_t r = begin; r < end; ++r, next_row(pos, g.C, g.H)) {
+      l1_bwd_row<scalar_t, mask_t, kContig>(P + row_offset(sp, pos), T + row_offset(st, pos),
+                                            M + mask_row_offset(sm, pos), GP + row_offset(sg, pos), g.W, sp.w, st.w,
+                                            sm.w, sg.w, scale);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------- YODA step
+template <typename scalar_t>
+struct StepArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *z, *eps, *x_bar, *noise, *lr_noise;
+  const uint8_t* mask;  // bool storage (0/1 bytes): gcc has no vector type for bool loads
+  scalar_t* out;
+  Strides4 sz, se, sx, sn, sl, sm, so;
+  Geometry g;
+  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
+  uint64_t seed, offset;
+};
+
+// m ? a : b as a bitwise blend.  A plain ?: lets gcc sink each side's arithmetic into a branch
+// and then refuse to vectorise the loop ("control flow in loop"); the blend keeps it straight.
+template <typename F>
+inline F select_bits(uint8_t m, F a, F b) {
+  using U = std::conditional_t<sizeof(F) == 8, uint64_t, uint32_t>;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(F));
+  std::memcpy(&ub, &b, sizeof(F));
+  const U mask = U(0) - static_cast<U>(m != 0);
+  const U r = (ua & mask) | (ub & ~mask);
+  F f;
+  std::memcpy(&f, &r, sizeof(F));
+  return f;
+}
+
+// Scalars of one step, passed by value so the compiler keeps them in registers (a struct read
+// through a reference could alias the output and would be reloaded every element).
+template <typename acc_t>
+struct StepScalarsT {
+  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
+};
+
+// One row of W elements: everything by value or __restrict so the loop vectorises.
+// n / nl: the rows of noise / lr_noise, or (noise_t = float, stride 1) the in-kernel normals.
+template <typename scalar_t, typename noise_t, bool kContig>
+inline void step_row(const scalar_t* __restrict z, const scalar_t* __restrict e, const scalar_t* __restrict xb,
+                     const noise_t* __restrict n, const noise_t* __restrict nl, const uint8_t* __restrict m,
+                     scalar_t* __restrict o, int64_t W, Strides4 sz, Strides4 se, Strides4 sx, int64_t snw,
+                     int64_t slw, Strides4 sm, Strides4 so, StepScalarsT<at::opmath_type<scalar_t>> k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t w = 0; w < W; ++w) {
+    const acc_t zv = static_cast<acc_t>(z[at_w<kContig>(w, sz.w)]);
+    const acc_t ev = static_cast<acc_t>(e[at_w<kContig>(w, se.w)]);
+    const acc_t xv = static_cast<acc_t>(xb[at_w<kContig>(w, sx.w)]);
+    const acc_t nv = static_cast<acc_t>(n[at_w<kContig>(w, snw)]);
+    const acc_t nlv = static_cast<acc_t>(nl[at_w<kContig>(w, slw)]);
+    // clamp that keeps NaN (as torch.clamp); +-inf bounds when clip_x0 is off
+    const acc_t x0 = std::min(std::max(k.a * zv - k.b * ev, k.lo), k.hi);
+    const acc_t z_sr = k.c1 * x0 + k.c2 * zv + k.sigma * nv;
+    const acc_t z_lr = k.lr_scale * xv + k.lr_sigma * nlv;
+    o[at_w<kContig>(w, so.w)] = static_cast<scalar_t>(select_bits(m[at_w<kContig>(w, sm.w)], z_sr, z_lr));
+  }
+}
+
+template <typename scalar_t, bool kGenNoise, bool kContig>
+void step_rows(const StepArgs<scalar_t>& A) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = A.g;
+  const StepScalarsT<acc_t> k{A.a, A.b, A.c1, A.c2, A.sigma, A.lr_scale, A.lr_sigma, A.lo, A.hi};
+  // Consecutive rows are consecutive in the logical NCHW order, so the normals of a group of
+  // rows (~kNoiseGroup elements) are drawn in one go: no partial Philox blocks per short row.
+  const int64_t group_rows = kGenNoise ? std::max<int64_t>(1, kNoiseGroup / std::max<int64_t>(g.W, 1)) : 1;
+  at::parallel_for(0, g.rows(), row_grain(g.W), [&](int64_t begin, int64_t end) {
+    std::vector<float> normals(kGenNoise ? static_cast<size_t>(group_rows * g.W) : 0);
+    int64_t group_begin = begin, group_end = begin;  // rows whose normals are in `normals`
+    RowPos pos = row_pos(begin, g.C, g.H);
+    for (int64_t r = begin; r < end; ++r, next_row(pos, g.C, g.H)) {
+      if (kGenNoise && r == group_end) {
+        group_begin = r;
+        group_end = std::min(end, r + group_rows);
+        // the logical NCHW index of row r's first element is r * W
+        fill_normals(A.seed, A.offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(g.W), (group_end - r) * g.W,
+                     normals.data());
+      }
+      const scalar_t* z = A.z + row_offset(A.sz, pos);
+      const scalar_t* e = A.eps + row_offset(A.se, pos);
+      const scalar_t* xb = A.x_bar + row_offset(A.sx, pos);
+      const uint8_t* m = A.mask + mask_row_offset(A.sm, pos);
+      scalar_t* o = A.out + row_offset(A.so, pos);
+      if (kGenNoise) {
+        const float* nrm = normals.data() + (r - group_begin) * g.W;
+        step_row<scalar_t, float, kContig>(z, e, xb, nrm, nrm, m, o, g.W, A.sz, A.se, A.sx, 1, 1, A.sm, A.so, k);
+      } else {
+        const scalar_t* n = A.noise + row_offset(A.sn, pos);
+        const scalar_t* nl = A.lr_noise + row_offset(A.sl, pos);
+        step_row<scalar_t, scalar_t, kContig>(z, e, xb, n, nl, m, o, g.W, A.sz, A.se, A.sx, A.sn.w, A.sl.w, A.sm,
+                                              A.so, k);
+      }
+    }
+  });
+}
+
+bool unit_w(std::initializer_list<Strides4> ss) {
+  for (const auto& s : ss)
+    if (s.w != 1) return false;
+  return true;
+}
+
+}  // namespace
+
+// ================================================================================== ops
+std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                     const at::Tensor& mask_in, int64_t normalize) {
+  check_loss_inputs(pred, target, mask_in);
+  TORCH_CHECK(normalize >= kNormAll && normalize <= kNormSum, "normalize must be 0 (all), 1 (active) or 2 (sum), got ",
+              normalize);
+  const auto acc = acc_type_of(pred.scalar_type());
+  const at::Tensor mask = loss_mask(mask_in, acc);
+  const Geometry g = geometry_of(pred);
+  const int64_t rows = g.rows();
+  std::vector<double> row_sum(static_cast<size_t>(rows)), row_cnt(static_cast<size_t>(rows));
+  if (pred.numel() > 0) {
+    const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask);
+    const bool contig = unit_w({sp, st, sm});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* P = pred.const_data_ptr<scalar_t>();
+      const scalar_t* T = target.const_data_ptr<scalar_t>();
+      if (mask.scalar_type() == at::kBool) {
+        const uint8_t* M = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+        contig ? l1_fwd_rows<scalar_t, uint8_t, true>(P, T, M, sp, st, sm, g, row_sum.data(), row_cnt.data())
+               : l1_fwd_rows<scalar_t, uint8_t, false>(P, T, M, sp, st, sm, g, row_sum.data(), row_cnt.data());
+      } else {
+        const acc_t* M = mask.const_data_ptr<acc_t>();
+        contig ? l1_fwd_rows<scalar_t, acc_t, true>(P, T, M, sp, st, sm, g, row_sum.data(), row_cnt.data())
+               : l1_fwd_rows<scalar_t, acc_t, false>(P, T, M, sp, st, sm, g, row_sum.data(), row_cnt.data());
+      }
+    });
+  }
+  double total = 0.0, count = 0.0;  // count = C * sum(mask)
+  for (int64_t r = 0; r < rows; ++r) {
+    total += row_sum[r];
+    count += row_cnt[r];
+  }
+  double denom = 1.0;
+  if (normalize == kNormAll) denom = static_cast<double>(pred.numel());
+  if (normalize == kNormActive) denom = std::max(1.0, count);
+  at::Tensor loss = at::empty({}, pred.options());
+  at::Tensor denom_t = at::empty({}, pred.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cpu_out", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t d = static_cast<acc_t>(denom);
+    *denom_t.mutable_data_ptr<acc_t>() = d;
+    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(static_cast<acc_t>(total) / d);
+  });
+  return {loss, denom_t};
+}
+
+at::Tensor masked_l1_bwd_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                             const at::Tensor& mask_in, const at::Tensor& denom) {
+  check_loss_inputs(pred, target, mask_in);
+  TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(), "grad must be a floating one-element tensor, got ",
+              grad.sizes(), " ", grad.scalar_type());
+  TORCH_CHECK(denom.numel() == 1 && denom.is_floating_point(), "denom must be a floating one-element tensor");
+  TORCH_CHECK(grad.device() == pred.device() && denom.device() == pred.device(),
+              "grad and denom must be on pred's device");
+  const auto acc = acc_type_of(pred.scalar_type());
+  const at::Tensor mask = loss_mask(mask_in, acc);
+  at::Tensor grad_pred = at::empty(pred.sizes(), pred.options().memory_format(output_format(pred)));
+  if (pred.numel() == 0) return grad_pred;
+  const Geometry g = geometry_of(pred);
+  const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask), sg = strides_of(grad_pred);
+  const bool contig = unit_w({sp, st, sm, sg});
+  const double grad_v = grad.item<double>();
+  const double denom_v = denom.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(grad_v) / static_cast<acc_t>(denom_v);
+    const scalar_t* P = pred.const_data_ptr<scalar_t>();
+    const scalar_t* T = target.const_data_ptr<scalar_t>();
+    scalar_t* GP = grad_pred.mutable_data_ptr<scalar_t>();
+    if (mask.scalar_type() == at::kBool) {
+      const uint8_t* M = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+      contig ? l1_bwd_rows<scalar_t, uint8_t, true>(P, T, M, GP, sp, st, sm, sg, g, scale)
+             : l1_bwd_rows<scalar_t, uint8_t, false>(P, T, M, GP, sp, st, sm, sg, g, scale);
+    } else {
+      const acc_t* M = mask.const_data_ptr<acc_t>();
+      contig ? l1_bwd_rows<scalar_t, acc_t, true>(P, T, M, GP, sp, st, sm, sg, g, scale)
+             : l1_bwd_rows<scalar_t, acc_t, false>(P, T, M, GP, sp, st, sm, sg, g, scale);
+    }
+  });
+  return grad_pred;
+}
+
+at::Tensor yoda_step_cpu(const at::Tensor& z, const at::Tensor& eps, const std::optional<at::Tensor>& x_bar,
+                         const at::Tensor& mask_in, const std::optional<at::Tensor>& noise,
+                         const std::optional<at::Tensor>& lr_noise, int64_t seed, int64_t offset,
+                         const at::Tensor& params, bool clip_x0) {
+  StepScalars sc;
+  check_step_inputs(z, eps, x_bar, mask_in, noise, lr_noise, seed, offset, params, sc);
+  const at::Tensor mask = step_mask(mask_in);
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(output_format(z)));
+  if (z.numel() == 0) return out;
+  const Geometry g = geometry_of(z);
+  const bool has_x_bar = x_bar.has_value() && x_bar->defined();
+  const bool gen_noise = !(noise.has_value() && noise->defined());
+  // x_bar None means 0: read a zero row (W elements) with zero b/c/h strides.
+  const at::Tensor xb = has_x_bar ? *x_bar : at::zeros({1, 1, 1, g.W}, z.options()).expand(z.sizes());
+  const at::Tensor nz = gen_noise ? at::Tensor() : *noise;
+  const at::Tensor lnz = gen_noise ? at::Tensor() : ((lr_noise.has_value() && lr_noise->defined()) ? *lr_noise : nz);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    StepArgs<scalar_t> A;
+    A.z = z.const_data_ptr<scalar_t>();
+    A.eps = eps.const_data_ptr<scalar_t>();
+    A.x_bar = xb.const_data_ptr<scalar_t>();
+    A.noise = gen_noise ? nullptr : nz.const_data_ptr<scalar_t>();
+    A.lr_noise = gen_noise ? nullptr : lnz.const_data_ptr<scalar_t>();
+    A.mask = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+    A.out = out.mutable_data_ptr<scalar_t>();
+    A.sz = strides_of(z);
+    A.se = strides_of(eps);
+    A.sx = strides_of(xb);
+    A.sn = gen_noise ? A.sz : strides_of(nz);
+    A.sl = gen_noise ? A.sz : strides_of(lnz);
+    A.sm = strides_of(mask);
+    A.so = strides_of(out);
+    A.g = g;
+    A.a = static_cast<acc_t>(sc.v[kSqrtRecipAc]);
+    A.b = static_cast<acc_t>(sc.v[kSqrtRecipm1Ac]);
+    A.c1 = static_cast<acc_t>(sc.v[kCoef1]);
+    A.c2 = static_cast<acc_t>(sc.v[kCoef2]);
+    A.sigma = static_cast<acc_t>(sc.v[kSigma]);
+    A.lr_scale = static_cast<acc_t>(sc.v[kLrScale]);
+    A.lr_sigma = static_cast<acc_t>(sc.v[kLrSigma]);
+    A.lo = clip_x0 ? static_cast<acc_t>(sc.v[kClipLo]) : -std::numeric_limits<acc_t>::infinity();
+    A.hi = clip_x0 ? static_cast<acc_t>(sc.v[kClipHi]) : std::numeric_limits<acc_t>::infinity();
+    A.seed = static_cast<uint64_t>(seed);
+    A.offset = static_cast<uint64_t>(offset);
+    const bool contig = unit_w({A.sz, A.se, A.sx, A.sm, A.so}) && (gen_noise || unit_w({A.sn, A.sl}));
+    if (gen_noise) {
+      contig ? step_rows<scalar_t, true, true>(A) : step_rows<scalar_t, true, false>(A);
+    } else {
+      contig ? step_rows<scalar_t, false, true>(A) : step_rows<scalar_t, false, false>(A);
+    }
+  });
+  return out;
+}
+
+}  // namespace yoda

@@ -1,0 +1,383 @@
+// CUDA kernels of the yoda-sparse ops.
+//
+// Work unit: one "quad" of 4 consecutive elements in the logical contiguous [B,C,H,W] order
+// per thread and loop trip (grid-stride, int64 indices).  For in-kernel noise a quad is one
+// Philox block (counters 4 blk .. 4 blk + 3, see philox.h), so each thread makes exactly one
+// Philox call per trip and uses all four normals; the quads are then shifted by offset % 4.
+// Every operand is addressed through its own [B,C,H,W] strides (any view, no copies); the
+// position of the first element of a quad is decomposed once (32-bit division when the
+// numbers fit), the other three advance incrementally.
+//
+// The loss forward is deterministic: fixed per-thread order, fixed shared-memory tree per
+// block, per-block partials in float64, one finishing block that sums them in a fixed order.
+#include "philox.h"
+#include "yoda_ops.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace yoda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Dims {
+  int64_t B, C, H, W, N;
+};
+
+Dims dims_of(const at::Tensor& t) {
+  return {t.size(0), t.size(1), t.size(2), t.size(3), t.numel()};
+}
+
+struct Pos {
+  int64_t b, c, h, w;
+};
+
+__device__ __forceinline__ void divmod(int64_t n, int64_t d, int64_t& q, int64_t& r) {
+  if (((static_cast<uint64_t>(n) | static_cast<uint64_t>(d)) >> 32) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(n) / static_cast<uint32_t>(d);
+    q = q32;
+    r = static_cast<int64_t>(static_cast<uint32_t>(n) - q32 * static_cast<uint32_t>(d));
+  } else {
+    q = n / d;
+    r = n - q * d;
+  }
+}
+
+__device__ __forceinline__ Pos decompose(int64_t i, const Dims& d) {
+  Pos p;
+  int64_t t;
+  divmod(i, d.W, t, p.w);
+  divmod(t, d.H, t, p.h);
+  divmod(t, d.C, p.b, p.c);
+  return p;
+}
+
+__device__ __forceinline__ void advance(Pos& p, const Dims& d) {
+  if (++p.w == d.W) {
+    p.w = 0;
+    if (++p.h == d.H) {
+      p.h = 0;
+      if (++p.c == d.C) {
+        p.c = 0;
+        ++p.b;
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t offset_of(const Strides4& s, const Pos& p) {
+  return p.b * s.b + p.c * s.c + p.h * s.h + p.w * s.w;
+}
+
+__device__ __forceinline__ int64_t mask_offset_of(const Strides4& s, const Pos& p) {
+  return p.b * s.b + p.h * s.h + p.w * s.w;
+}
+
+__device__ __forceinline__ float absv(float x) { return fabsf(x); }
+__device__ __forceinline__ double absv(double x) { return fabs(x); }
+
+template <typename acc_t, typename mask_t>
+__device__ __forceinline__ acc_t mask_value(const mask_t* m, int64_t off) {
+  return static_cast<acc_t>(m[off]);
+}
+
+int grid_for(int64_t work_items) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (work_items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 8)));
+}
+
+// ------------------------------------------------------------------------------- masked L1
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kThreads)
+    l1_fwd_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T, const mask_t* __restrict__ M,
+                  Strides4 sp, Strides4 st, Strides4 sm, Dims d, double* __restrict__ partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s = 0, n = 0;
+  const int64_t nquads = (d.N + 3) / 4;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nquads;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t i = 4 * q;
+    Pos pos = decompose(i, d);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane, ++i) {
+      if (i >= d.N) break;
+      const acc_t diff = absv(static_cast<acc_t>(P[offset_of(sp, pos)]) - static_cast<acc_t>(T[offset_of(st, pos)]));
+      const acc_t mm = mask_value<acc_t>(M, mask_offset_of(sm, pos));
+      s += diff * mm;
+      n += mm;
+      advance(pos, d);
+    }
+  }
+  __shared__ double sh_s[kThreads];
+  __shared__ double sh_n[kThreads];
+  sh_s[threadIdx.x] = static_cast<double>(s);
+  sh_n[threadIdx.x] = static_cast<double>(n);
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
+      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = sh_s[0];
+    partials[2 * blockIdx.x + 1] = sh_n[0];
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    l1_finish_kernel(const double* __restrict__ partials, int nblocks, int64_t normalize, double numel,
+                     scalar_t* __restrict__ loss, at::opmath_type<scalar_t>* __restrict__ denom_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double sh_s[kThreads];
+  __shared__ double sh_n[kThreads];
+  double s = 0.0, n = 0.0;
+  for (int j = threadIdx.x; j < nblocks; j += kThreads) {
+    s += partials[2 * j];
+    n += partials[2 * j + 1];
+  }
+  sh_s[threadIdx.x] = s;
+  sh_n[threadIdx.x] = n;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
+      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double denom = 1.0;
+    if (normalize == kNormAll) denom = numel;
+    if (normalize == kNormActive) denom = sh_n[0] > 1.0 ? sh_n[0] : 1.0;  // sh_n = C * sum(mask)
+    const acc_t dv = static_cast<acc_t>(denom);
+    *denom_out = dv;
+    *loss = static_cast<scalar_t>(static_cast<acc_t>(sh_s[0]) / dv);
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kThreads)
+    l1_bwd_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T, const mask_t* __restrict__ M,
+                  scalar_t* __restrict__ GP, Strides4 sp, Strides4 st, Strides4 sm, Strides4 sg, Dims d,
+                  const at::opmath_type<scalar_t>* __restrict__ grad,
+                  const at::opmath_type<scalar_t>* __restrict__ denom) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = grad[0] / denom[0];
+  const int64_t nquads = (d.N + 3) / 4;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nquads;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t i = 4 * q;
+    Pos pos = decompose(i, d);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane, ++i) {
+      if (i >= d.N) break;
+      const acc_t diff = static_cast<acc_t>(P[offset_of(sp, pos)]) - static_cast<acc_t>(T[offset_of(st, pos)]);
+      // sign(diff) with sign(0) = 0; NaN stays NaN
+      const acc_t sgn = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : diff);
+      const acc_t v = sgn * mask_value<acc_t>(M, mask_offset_of(sm, pos)) * scale;
+      GP[offset_of(sg, pos)] = static_cast<scalar_t>(v);
+      advance(pos, d);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- YODA step
+template <typename scalar_t>
+struct StepParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *z, *eps, *x_bar, *noise, *lr_noise;  // x_bar may be null (means 0)
+  const bool* mask;
+  scalar_t* out;
+  Strides4 sz, se, sx, sn, sl, sm, so;
+  Dims d;
+  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
+  uint64_t seed, blk0;  // first Philox block: offset / 4
+  int64_t skip;         // offset % 4 for in-kernel noise, else 0
+  int64_t nquads;
+};
+
+template <typename scalar_t, bool kGenNoise>
+__global__ void __launch_bounds__(kThreads) yoda_step_kernel(const StepParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool has_x_bar = p.x_bar != nullptr;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < p.nquads;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float nrm[4] = {0.f, 0.f, 0.f, 0.f};
+    if (kGenNoise) philox::normals4(p.seed, p.blk0 + static_cast<uint64_t>(q), nrm);
+    const int64_t first = 4 * q - p.skip;  // logical index of lane 0 (may be < 0 in quad 0)
+    int64_t i = first < 0 ? 0 : first;
+    if (i >= p.d.N) continue;
+    Pos pos = decompose(i, p.d);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t e = first + lane;
+      if (e < 0) continue;
+      if (e >= p.d.N) break;
+      const acc_t zv = static_cast<acc_t>(p.z[offset_of(p.sz, pos)]);
+      const acc_t ev = static_cast<acc_t>(p.eps[offset_of(p.se, pos)]);
+      const acc_t xv = has_x_bar ? static_cast<acc_t>(p.x_bar[offset_of(p.sx, pos)]) : acc_t(0);
+      acc_t nv, nlv;
+      if (kGenNoise) {
+        nv = nlv = static_cast<acc_t>(nrm[lane]);
+      } else {
+        nv = static_cast<acc_t>(p.noise[offset_of(p.sn, pos)]);
+        nlv = static_cast<acc_t>(p.lr_noise[offset_of(p.sl, pos)]);
+      }
+      acc_t x0 = p.a * zv - p.b * ev;
+      x0 = x0 < p.lo ? p.lo : (x0 > p.hi ? p.hi : x0);  // +-inf bounds when clip_x0 is off
+      const acc_t z_sr = p.c1 * x0 + p.c2 * zv + p.sigma * nv;
+      const acc_t z_lr = p.lr_scale * xv + p.lr_sigma * nlv;
+      p.out[offset_of(p.so, pos)] = static_cast<scalar_t>(p.mask[mask_offset_of(p.sm, pos)] ? z_sr : z_lr);
+      advance(pos, p.d);
+    }
+  }
+}
+
+}  // namespace
+
+// ================================================================================== ops
+std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                      const at::Tensor& mask_in, int64_t normalize) {
+  check_loss_inputs(pred, target, mask_in);
+  TORCH_CHECK(normalize >= kNormAll && normalize <= kNormSum, "normalize must be 0 (all), 1 (active) or 2 (sum), got ",
+              normalize);
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const auto acc = acc_type_of(pred.scalar_type());
+  const at::Tensor mask = loss_mask(mask_in, acc);
+  const Dims d = dims_of(pred);
+  at::Tensor loss = at::empty({}, pred.options());
+  at::Tensor denom = at::empty({}, pred.options().dtype(acc));
+  const int blocks = d.N > 0 ? grid_for((d.N + 3) / 4) : 1;
+  at::Tensor partials = at::zeros({2 * static_cast<int64_t>(blocks)}, pred.options().dtype(at::kDouble));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (d.N > 0) {
+      if (mask.scalar_type() == at::kBool) {
+        l1_fwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), sp, st,
+            sm, d, partials.mutable_data_ptr<double>());
+      } else {
+        l1_fwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(), sp, st,
+            sm, d, partials.mutable_data_ptr<double>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    l1_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), blocks, normalize,
+                                                           static_cast<double>(d.N), loss.mutable_data_ptr<scalar_t>(),
+                                                           denom.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, denom};
+}
+
+at::Tensor masked_l1_bwd_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                              const at::Tensor& mask_in, const at::Tensor& denom) {
+  check_loss_inputs(pred, target, mask_in);
+  TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(), "grad must be a floating one-element tensor, got ",
+              grad.sizes(), " ", grad.scalar_type());
+  TORCH_CHECK(denom.numel() == 1 && denom.is_floating_point(), "denom must be a floating one-element tensor");
+  TORCH_CHECK(grad.device() == pred.device() && denom.device() == pred.device(),
+              "grad and denom must be on pred's device");
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const auto acc = acc_type_of(pred.scalar_type());
+  const at::Tensor mask = loss_mask(mask_in, acc);
+  at::Tensor grad_pred = at::empty(pred.sizes(), pred.options().memory_format(output_format(pred)));
+  const Dims d = dims_of(pred);
+  if (d.N == 0) return grad_pred;
+  // one-element tensors in the accumulation type, read by every thread (no host sync)
+  const at::Tensor g_acc = grad.reshape({1}).to(acc).contiguous();
+  const at::Tensor d_acc = denom.reshape({1}).to(acc).contiguous();
+  const int blocks = grid_for((d.N + 3) / 4);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask), sg = strides_of(grad_pred);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* gp = g_acc.const_data_ptr<acc_t>();
+    const acc_t* dp = d_acc.const_data_ptr<acc_t>();
+    if (mask.scalar_type() == at::kBool) {
+      l1_bwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
+          pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+          grad_pred.mutable_data_ptr<scalar_t>(), sp, st, sm, sg, d, gp, dp);
+    } else {
+      l1_bwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(),
+          grad_pred.mutable_data_ptr<scalar_t>(), sp, st, sm, sg, d, gp, dp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_pred;
+}
+
+at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std::optional<at::Tensor>& x_bar,
+                          const at::Tensor& mask_in, const std::optional<at::Tensor>& noise,
+                          const std::optional<at::Tensor>& lr_noise, int64_t seed, int64_t offset,
+                          const at::Tensor& params, bool clip_x0) {
+  StepScalars sc;
+  check_step_inputs(z, eps, x_bar, mask_in, noise, lr_noise, seed, offset, params, sc);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor mask = step_mask(mask_in);
+  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(output_format(z)));
+  const Dims d = dims_of(z);
+  if (d.N == 0) return out;
+  const bool has_x_bar = x_bar.has_value() && x_bar->defined();
+  const bool gen_noise = !(noise.has_value() && noise->defined());
+  const at::Tensor nz = gen_noise ? at::Tensor() : *noise;
+  const at::Tensor lnz = gen_noise ? at::Tensor() : ((lr_noise.has_value() && lr_noise->defined()) ? *lr_noise : nz);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    StepParams<scalar_t> p;
+    p.z = z.const_data_ptr<scalar_t>();
+    p.eps = eps.const_data_ptr<scalar_t>();
+    p.x_bar = has_x_bar ? x_bar->const_data_ptr<scalar_t>() : nullptr;
+    p.noise = gen_noise ? nullptr : nz.const_data_ptr<scalar_t>();
+    p.lr_noise = gen_noise ? nullptr : lnz.const_data_ptr<scalar_t>();
+    p.mask = mask.const_data_ptr<bool>();
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.sz = strides_of(z);
+    p.se = strides_of(eps);
+    p.sx = has_x_bar ? strides_of(*x_bar) : p.sz;
+    p.sn = gen_noise ? p.sz : strides_of(nz);
+    p.sl = gen_noise ? p.sz : strides_of(lnz);
+    p.sm = strides_of(mask);
+    p.so = strides_of(out);
+    p.d = d;
+    p.a = static_cast<acc_t>(sc.v[kSqrtRecipAc]);
+    p.b = static_cast<acc_t>(sc.v[kSqrtRecipm1Ac]);
+    p.c1 = static_cast<acc_t>(sc.v[kCoef1]);
+    p.c2 = static_cast<acc_t>(sc.v[kCoef2]);
+    p.sigma = static_cast<acc_t>(sc.v[kSigma]);
+    p.lr_scale = static_cast<acc_t>(sc.v[kLrScale]);
+    p.lr_sigma = static_cast<acc_t>(sc.v[kLrSigma]);
+    p.lo = clip_x0 ? static_cast<acc_t>(sc.v[kClipLo]) : -std::numeric_limits<acc_t>::infinity();
+    p.hi = clip_x0 ? static_cast<acc_t>(sc.v[kClipHi]) : std::numeric_limits<acc_t>::infinity();
+    p.seed = static_cast<uint64_t>(seed);
+    p.blk0 = gen_noise ? static_cast<uint64_t>(offset) >> 2 : 0;
+    p.skip = gen_noise ? static_cast<int64_t>(static_cast<uint64_t>(offset) & 3u) : 0;
+    p.nquads = (d.N + p.skip + 3) / 4;
+    const int blocks = grid_for(p.nquads);
+    if (gen_noise) {
+      yoda_step_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(p);
+    } else {
+      yoda_step_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace yoda
