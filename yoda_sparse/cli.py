@@ -21,7 +21,7 @@ def _cmd_demo(args) -> int:
     if ckpt is None:
         print("[sr] no demo checkpoint found; skipping the super-resolution part", file=sys.stderr)
         return 0
-    sr_demo(out, ckpt, image=args.sr_image, steps=args.steps, seed=args.seed)
+    sr_demo(out, ckpt, image=args.sr_image, steps=args.steps, size=args.size, seed=args.seed)
     return 0
 
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     mask_args(d)
     d.add_argument("--checkpoint", help="demo checkpoint (default: the better bundled one)")
     d.add_argument("--sr-image", default="coffee", help="held-out bundled image for the SR part")
-    d.add_argument("--steps", type=int, default=None, help="respace sampling to this many steps")
+    d.add_argument("--steps", type=int, default=100, help="respace sampling to this many steps (default 100)")
+    d.add_argument("--size", type=int, default=128, help="HR size of the SR demo's centre crop")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
 

@@ -88,15 +88,15 @@ def _save_masks_over_time(image: torch.Tensor, schedules: dict, path: Path, n: i
         Image.fromarray(canvas).save(f, format="PNG")
 
 
-def sr_demo(out_dir: Path, checkpoint: Path, *, image: str, steps: int | None, seed: int = 0, log=print) -> dict:
-    """Dense vs YODA on one held-out image with a demo checkpoint."""
+def sr_demo(out_dir: Path, checkpoint: Path, *, image: str, steps: int | None, size: int = 128, seed: int = 0,
+            log=print) -> dict:
+    """Dense vs YODA on one held-out image (centre crop of ``size`` HR pixels) with a demo checkpoint."""
     from .diffusion import load_diffusion
     from .imageio import bicubic_downscale, bicubic_upscale
     from .metrics import psnr, ssim
     from .plots import side_by_side
 
     diff, config, extra = load_diffusion(checkpoint)
-    size = int(config.image_size)
     hr = _demo_image(image, size)
     lr = bicubic_downscale(hr, diff.scale)
     bicubic = bicubic_upscale(lr, diff.scale)
