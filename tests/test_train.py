@@ -15,10 +15,8 @@ import torch
 from yoda_sparse import train as train_mod
 from yoda_sparse.data import ImageFolderPairs, SampleStream, batch_iterator, find_images
 from yoda_sparse.diffusion import YodaSettings, load_diffusion
+from yoda_sparse.run_folder import LATEST, MODEL_FILE, STATE_FILE
 from yoda_sparse.train import (
-    LATEST,
-    MODEL_FILE,
-    STATE_FILE,
     TrainConfig,
     add_train_arguments,
     config_from_args,

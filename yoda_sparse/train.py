@@ -11,26 +11,9 @@ norm 1, bf16 autocast on CUDA (fp32 on CPU).  With YODA the attention map of eve
 computed in the loop, batched on the training device, from the bicubic-upsampled LR crop
 (:func:`yoda_sparse.data.attention_for_batch`).
 
-Output folder ``OUT`` (only rank 0 writes)::
-
-    OUT/ckpt-000123/checkpoint.safetensors   model + EMA + model config + schedule/YODA settings
-    OUT/ckpt-000123/train-state.pt           optimizer, step, every rank's RNG states, data position, config
-    OUT/ckpt-000123/complete.json            written last: step and file sizes
-    OUT/latest                               one line, "ckpt-000123": the checkpoint to resume from
-    OUT/checkpoint-latest.safetensors        the newest model file (a hard link or copy), for eval/upscale
-    OUT/log.jsonl  OUT/config.json
-
-Checkpoint scheme (a kill at any moment leaves a consistent pair to resume from):
-1. both files are written into a fresh hidden folder ``OUT/.ckpt-000123.tmp-PID`` (each file
-   itself atomically: temp file, flush, fsync, ``os.replace``), then ``complete.json``;
-2. the folder is renamed to ``OUT/ckpt-000123`` (one atomic rename: the pair appears whole);
-3. ``OUT/latest`` is replaced atomically (temp file + ``os.replace``) to name it;
-4. ``checkpoint-latest.safetensors`` is replaced atomically, then all but the newest
-   ``keep_checkpoints`` folders are deleted (never the one ``latest`` names).
-Resume reads only ``latest`` and the folder it names.  A kill before step 3 leaves ``latest``
-on the previous folder; leftover temp folders and folders newer than ``latest`` are removed when
-a run resumes.  If ``latest`` is missing or names an incomplete folder (not produced by this
-code), the newest complete folder is used, with a warning.
+Output folder ``OUT`` (only rank 0 writes): checkpoints following the scheme of
+:mod:`yoda_sparse.run_folder` (a kill at any moment leaves a consistent pair to resume from),
+plus ``OUT/log.jsonl`` and ``OUT/config.json``.
 
 Exact resume: a run's data order, crops and flips are a function of (seed, step) alone
 (:class:`yoda_sparse.data.SampleStream`), the diffusion noise of step s is drawn from a
@@ -48,15 +31,12 @@ barrier after each checkpoint.  Resuming requires the same world size and a fold
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 import warnings
@@ -68,20 +48,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_write, fsync_dir
 from .data import ImageFolderPairs, SampleStream, attention_for_batch, batch_iterator, mix_seed
 from .diffusion import ScheduleSettings, YodaSettings, build_diffusion
+from .run_folder import (
+    LATEST_MODEL,
+    MODEL_FILE,
+    STATE_FILE,
+    STATE_FORMAT,
+    clean_leftovers,
+    find_latest_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_atomic,
+    write_checkpoint,
+)
 
 __all__ = ["TrainConfig", "train", "add_train_arguments", "train_from_args", "find_latest_checkpoint"]
 
-STATE_FORMAT = 1
-LATEST = "latest"
-MODEL_FILE = "checkpoint.safetensors"
-STATE_FILE = "train-state.pt"
-DONE_FILE = "complete.json"
-LATEST_MODEL = "checkpoint-latest.safetensors"
 LOG_FILE = "log.jsonl"
-_CKPT_RE = re.compile(r"^ckpt-(\d{6,})$")
 MIXED_PRECISION = ("auto", "bf16", "no")
 
 
@@ -282,146 +266,6 @@ def _init_distributed(requested: str | None) -> tuple[_Dist, torch.device]:
     return _Dist(dist.get_rank(), dist.get_world_size(), local, True), device
 
 
-# ------------------------------------------------------------------------------ RNG states
-def _rng_state(device: torch.device) -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict, device: torch.device) -> None:
-    random.setstate(_as_tuple(st["python"]))
-    n = st["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(st["torch"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-# ------------------------------------------------------------------------------ checkpoints
-def _ckpt_name(step: int) -> str:
-    return f"ckpt-{step:06d}"
-
-
-def _ckpt_step(path: Path) -> int | None:
-    m = _CKPT_RE.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def _is_complete(folder: Path) -> bool:
-    done = folder / DONE_FILE
-    if not done.is_file():
-        return False
-    try:
-        info = json.loads(done.read_text())
-        return all((folder / name).is_file() and (folder / name).stat().st_size == size
-                   for name, size in info["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def _complete_folders(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out.iterdir() if out.is_dir() else ():
-        s = _ckpt_step(p)
-        if s is not None and p.is_dir() and _is_complete(p):
-            found.append((s, p))
-    return sorted(found)
-
-
-def find_latest_checkpoint(out_dir) -> Path | None:
-    """The checkpoint folder a resume of ``out_dir`` starts from (see the module docstring),
-    or None when there is none."""
-    out = Path(out_dir)
-    pointer = out / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        target = out / name
-        if _CKPT_RE.match(name) and target.is_dir() and _is_complete(target):
-            return target
-        warnings.warn(f"{pointer} names {name!r}, which is not a complete checkpoint folder; "
-                      f"falling back to the newest complete one", RuntimeWarning, stacklevel=2)
-    folders = _complete_folders(out)
-    return folders[-1][1] if folders else None
-
-
-def _write_atomic(path: Path, data: bytes | Callable) -> None:
-    with atomic_write(path) as f:
-        if callable(data):
-            data(f)
-        else:
-            f.write(data)
-
-
-def _write_checkpoint(out: Path, step: int, *, diffusion, model_config, ema: nn.Module, extra: dict,
-                      state: dict, keep: int) -> Path:
-    """Write the checkpoint pair of ``step`` following the module docstring's scheme."""
-    name = _ckpt_name(step)
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    diffusion.save(tmp / MODEL_FILE, model_config, ema=ema, extra=extra)
-    _write_atomic(tmp / STATE_FILE, lambda f: torch.save(state, f))
-    sizes = {n: (tmp / n).stat().st_size for n in (MODEL_FILE, STATE_FILE)}
-    _write_atomic(tmp / DONE_FILE, json.dumps({"step": step, "files": sizes}).encode())
-    fsync_dir(tmp)
-    final = out / name
-    if final.exists():  # left by a killed run after a resume from an older checkpoint
-        stale = out / f".{name}.stale-{os.getpid()}"
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(out)
-    _write_atomic(out / LATEST, (name + "\n").encode())
-    _publish_latest_model(final / MODEL_FILE, out / LATEST_MODEL)
-    for s, p in _complete_folders(out)[:-keep]:
-        if s < step:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def _publish_latest_model(src: Path, dst: Path) -> None:
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:  # no hard links on this filesystem
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-
-
-def _clean_leftovers(out: Path, latest: Path | None, log) -> None:
-    """Remove temp folders/files of killed runs and checkpoints newer than ``latest``."""
-    for p in out.iterdir():
-        if p.name.startswith(".ckpt-") and (".tmp-" in p.name or ".stale-" in p.name) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
-            p.unlink(missing_ok=True)
-    if latest is not None:
-        cut = _ckpt_step(latest)
-        for p in out.iterdir():
-            s = _ckpt_step(p)
-            if s is not None and s > cut and p.is_dir():
-                log(f"removing {p.name}: newer than {LATEST} ({latest.name}), left by a run killed while checkpointing")
-                shutil.rmtree(p, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------ pieces
 def _files_digest(paths) -> str:
     h = hashlib.sha256()
@@ -584,7 +428,7 @@ def _train(cfg: TrainConfig, dist: _Dist, device: torch.device, log, on_finish) 
     start, train_seconds, state = 0, 0.0, None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(out, latest, log)
+        clean_leftovers(out, latest, log)
     dist.barrier(device)
     if latest is not None:
         state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
@@ -606,7 +450,7 @@ def _train(cfg: TrainConfig, dist: _Dist, device: torch.device, log, on_finish) 
     elif cfg.resume:
         log(f"resume: no checkpoint in {out}, starting from step 0")
     if dist.main:
-        _write_atomic(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True).encode())
+        write_atomic(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True).encode())
         _trim_log(out / LOG_FILE, start)
 
     net = _LossModule(diffusion, autocast_device="cuda" if amp else None)
@@ -623,14 +467,14 @@ def _train(cfg: TrainConfig, dist: _Dist, device: torch.device, log, on_finish) 
                        "world_size": dist.world_size, "attention_weights": attention_source, "dense": cfg.yoda is None}}
 
     def save(step: int) -> Path | None:
-        rngs = dist.gather(_rng_state(device))  # every rank's generators, saved by rank 0
+        rngs = dist.gather(rng_state(device))  # every rank's generators, saved by rank 0
         path = None
         if dist.main:
             state = {"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(), "rng": rngs,
                      "data": stream.position(step, cfg.batch_size), "train_seconds": train_seconds + (time.perf_counter() - t0),
                      "run": run_info}
             ex = {**extra, "train": {**extra["train"], "step": step}}
-            path = _write_checkpoint(out, step, diffusion=diffusion, model_config=model_config, ema=ema,
+            path = write_checkpoint(out, step, diffusion=diffusion, model_config=model_config, ema=ema,
                                      extra=ex, state=state, keep=cfg.keep_checkpoints)
             log(f"step {step}: checkpoint {path}")
         dist.barrier(device)
@@ -638,7 +482,7 @@ def _train(cfg: TrainConfig, dist: _Dist, device: torch.device, log, on_finish) 
 
     if state is not None:
         rngs = state["rng"]
-        _set_rng_state(rngs[dist.rank], device)
+        set_rng_state(rngs[dist.rank], device)
     t0 = time.perf_counter()
     window = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, steps, update-ratio sum, grad-norm sum
     window_t0, last_loss = time.perf_counter(), float("nan")
@@ -713,7 +557,7 @@ def _trim_log(path: Path, step: int) -> None:
             continue  # a line cut by a kill
         if isinstance(rec, dict) and not rec.get("final") and int(rec.get("step", step + 1)) <= step:
             keep.append(line)
-    _write_atomic(path, "".join(f"{k}\n" for k in keep).encode())
+    write_atomic(path, "".join(f"{k}\n" for k in keep).encode())
 
 
 # ------------------------------------------------------------------------------ CLI
