@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_ops import cpu_model  # noqa: E402
 from train_demo_checkpoints import ATTENTION, HELD_OUT, ROOT, write_held_out, write_training_images  # noqa: E402
 
 MODEL = "sr3_tiny"
 BEGIN, END = "<!-- paper-claim:begin -->", "<!-- paper-claim:end -->"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
@@ -72,7 +62,7 @@ def main() -> int:
              f"{len(names)} bundled images (batch 4, {args.steps} steps, crop {args.crop}, lr {args.lr}, seed 0), once dense "
              f"(eq. 8) and once with YODA (eq. 10, `{ATTENTION}` attention, l = 0.2); evaluated on held-out "
              f"{', '.join(HELD_OUT)} (centre 128x128, x4, {args.eval_steps} respaced steps; PSNR/SSIM on Y with a 4-pixel border crop; "
-             "colour shift = mean over images of the mean |per-channel mean error| in [0,1] units). CPU: " + cpu_name() + ".", "",
+             "colour shift = mean over images of the mean |per-channel mean error| in [0,1] units). CPU: " + cpu_model() + ".", "",
              "| model | PSNR | SSIM | colour shift | update ratio | training time |", "|---|---|---|---|---|---|"]
     for label in ("bicubic", "dense", "yoda"):
         s = summary[label]
