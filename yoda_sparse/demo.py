@@ -120,6 +120,8 @@ def sr_demo(out_dir: Path, checkpoint: Path, *, image: str, steps: int | None, s
         r = results[label]
         timing = f"  {r['seconds']:6.2f} s  update ratio {100 * r['update_ratio']:5.1f}%" if "seconds" in r else ""
         log(f"[sr] {label:>8s}: PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}{timing}")
+    log("[sr] note: both runs evaluate the UNet on the whole image at every step, so YODA's "
+        "update ratio does not yet show in the time (that needs sparse execution of the UNet)")
     mask_img = attn[0].expand(3, -1, -1)
     side_by_side([lr[0], bicubic[0], results["dense"]["images"][0], results["yoda"]["images"][0], hr[0], mask_img],
                  ["LR", "bicubic", "SR dense", "SR YODA", "HR", f"attention ({method})"], out_dir / "sr_side_by_side.png")
