@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .masking import MaskSchedule, activation_time, check_attention
+from .masking import MaskSchedule, activation_time
 from .schedule import NoiseSchedule
 
 __all__ = ["YodaSettings", "ScheduleSettings", "SampleResult", "SR3Diffusion", "SRDiffDiffusion", "build_diffusion", "load_diffusion"]
@@ -166,11 +166,11 @@ class _DiffusionSR(abc.ABC):
         if (hr.shape[2], hr.shape[3]) != (lr.shape[2] * self.scale, lr.shape[3] * self.scale):
             raise ValueError(f"hr {tuple(hr.shape[2:])} must be lr {tuple(lr.shape[2:])} times the model's scale {self.scale}")
 
-    def _check_attn(self, attn, batch: int):
-        attn = check_attention(attn, name="attn")
-        if attn.shape[0] != batch:
-            raise ValueError(f"attn must have one map per image ({batch}), got {attn.shape[0]}")
-        return attn
+    @staticmethod
+    def _check_batch(attn_like: torch.Tensor, batch: int) -> None:
+        # attn's values are validated once, where the masks are built (masking.check_attention)
+        if attn_like.shape[0] != batch:
+            raise ValueError(f"attn must have one map per image ({batch}), got {attn_like.shape[0]}")
 
     def _lr_branch_at(self, x_bar, t: torch.Tensor, noise, level: torch.Tensor):
         """The LR-branch state at training timestep t [B] (what sampling leaves there)."""
@@ -207,8 +207,8 @@ class _DiffusionSR(abc.ABC):
         z = level.view(-1, 1, 1, 1) * x0 + (1 - level.view(-1, 1, 1, 1) ** 2).clamp(min=0).sqrt() * noise
         mask = None
         if attn is not None:
-            attn = self._check_attn(attn, B)
             act = activation_time(attn, T, self.yoda.lower_bound, size=hr.shape[-2:])
+            self._check_batch(act, B)
             mask = act >= t.view(-1, 1, 1, 1).to(act.dtype)
             z = torch.where(mask, z, self._lr_branch_at(x_bar, t, noise, level))
             if self.yoda.masked_input:
@@ -265,8 +265,10 @@ class _DiffusionSR(abc.ABC):
 
         masks = None
         if attn is not None:
-            attn = self._check_attn(attn, B)
+            if not isinstance(attn, torch.Tensor):
+                raise TypeError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
             masks = MaskSchedule(attn.to(device), self.schedule.num_steps, self.yoda.lower_bound, timesteps=train_t, size=(H, W))
+            self._check_batch(masks.activation_time, B)
         full = torch.ones((B, 1, H, W), dtype=torch.bool, device=device)
         z = randn()
         if masks is not None:

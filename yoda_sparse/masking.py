@@ -29,9 +29,12 @@ def check_attention(attn: torch.Tensor, *, name: str = "attn", clamp: bool = Fal
         attn = attn.unsqueeze(1)
     if attn.dim() != 4 or attn.shape[1] != 1:
         raise ValueError(f"{name} must have shape [B, 1, H, W] (or [B, H, W]), got {tuple(attn.shape)}")
-    if torch.isnan(attn).any():
+    if attn.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    # NaN propagates into both extremes; one host sync for both
+    lo, hi = torch.stack(torch.aminmax(attn.detach())).tolist()
+    if lo != lo or hi != hi:
         raise ValueError(f"{name} contains NaN")
-    lo, hi = attn.min().item(), attn.max().item()
     if lo < 0 or hi > 1:
         if not clamp:
             raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (pass clamp=True to clamp)")
