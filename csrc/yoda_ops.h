@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -37,6 +38,25 @@ enum Param : int {
 struct StepScalars {
   double v[kNumParams];
 };
+
+// The step's scalars in the kernels' accumulation type (shared by the CPU and CUDA kernels):
+// x0 = clamp(a z - b eps, lo, hi); z_sr = c1 x0 + c2 z + sigma n; z_lr = lr_scale x_bar + lr_sigma n_lr.
+template <typename acc_t>
+struct StepCoeffs {
+  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
+};
+
+// +-inf clamp bounds when clip_x0 is off, so the kernels clamp unconditionally.
+template <typename acc_t>
+inline StepCoeffs<acc_t> step_coeffs(const StepScalars& sc, bool clip_x0) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  return {static_cast<acc_t>(sc.v[kSqrtRecipAc]), static_cast<acc_t>(sc.v[kSqrtRecipm1Ac]),
+          static_cast<acc_t>(sc.v[kCoef1]),       static_cast<acc_t>(sc.v[kCoef2]),
+          static_cast<acc_t>(sc.v[kSigma]),       static_cast<acc_t>(sc.v[kLrScale]),
+          static_cast<acc_t>(sc.v[kLrSigma]),
+          clip_x0 ? static_cast<acc_t>(sc.v[kClipLo]) : -inf,
+          clip_x0 ? static_cast<acc_t>(sc.v[kClipHi]) : inf};
+}
 
 struct Strides4 {
   int64_t b, c, h, w;

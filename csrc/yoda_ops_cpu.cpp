@@ -336,7 +336,7 @@ struct StepArgs {
   scalar_t* out;
   Strides4 sz, se, sx, sn, sl, sm, so;
   Geometry g;
-  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
+  StepCoeffs<acc_t> k;
   uint64_t seed, offset;
 };
 
@@ -355,20 +355,13 @@ inline F select_bits(uint8_t m, F a, F b) {
   return f;
 }
 
-// Scalars of one step, passed by value so the compiler keeps them in registers (a struct read
-// through a reference could alias the output and would be reloaded every element).
-template <typename acc_t>
-struct StepScalarsT {
-  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
-};
-
 // One row of W elements: everything by value or __restrict so the loop vectorises.
 // n / nl: the rows of noise / lr_noise, or (noise_t = float, stride 1) the in-kernel normals.
 template <typename scalar_t, typename noise_t, bool kContig>
 inline void step_row(const scalar_t* __restrict z, const scalar_t* __restrict e, const scalar_t* __restrict xb,
                      const noise_t* __restrict n, const noise_t* __restrict nl, const uint8_t* __restrict m,
                      scalar_t* __restrict o, int64_t W, Strides4 sz, Strides4 se, Strides4 sx, int64_t snw,
-                     int64_t slw, Strides4 sm, Strides4 so, StepScalarsT<at::opmath_type<scalar_t>> k) {
+                     int64_t slw, Strides4 sm, Strides4 so, StepCoeffs<at::opmath_type<scalar_t>> k) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t w = 0; w < W; ++w) {
     const acc_t zv = static_cast<acc_t>(z[at_w<kContig>(w, sz.w)]);
@@ -388,7 +381,9 @@ template <typename scalar_t, bool kGenNoise, bool kContig>
 void step_rows(const StepArgs<scalar_t>& A) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry g = A.g;
-  const StepScalarsT<acc_t> k{A.a, A.b, A.c1, A.c2, A.sigma, A.lr_scale, A.lr_sigma, A.lo, A.hi};
+  // the step's scalars by value, so the compiler keeps them in registers (read through a
+  // reference they could alias the output and would be reloaded every element)
+  const StepCoeffs<acc_t> k = A.k;
   // Consecutive rows are consecutive in the logical NCHW order, so the normals of a group of
   // rows (~kNoiseGroup elements) are drawn in one go: no partial Philox blocks per short row.
   const int64_t group_rows = kGenNoise ? std::max<int64_t>(1, kNoiseGroup / std::max<int64_t>(g.W, 1)) : 1;
@@ -548,15 +543,7 @@ at::Tensor yoda_step_cpu(const at::Tensor& z, const at::Tensor& eps, const std::
     A.sm = strides_of(mask);
     A.so = strides_of(out);
     A.g = g;
-    A.a = static_cast<acc_t>(sc.v[kSqrtRecipAc]);
-    A.b = static_cast<acc_t>(sc.v[kSqrtRecipm1Ac]);
-    A.c1 = static_cast<acc_t>(sc.v[kCoef1]);
-    A.c2 = static_cast<acc_t>(sc.v[kCoef2]);
-    A.sigma = static_cast<acc_t>(sc.v[kSigma]);
-    A.lr_scale = static_cast<acc_t>(sc.v[kLrScale]);
-    A.lr_sigma = static_cast<acc_t>(sc.v[kLrSigma]);
-    A.lo = clip_x0 ? static_cast<acc_t>(sc.v[kClipLo]) : -std::numeric_limits<acc_t>::infinity();
-    A.hi = clip_x0 ? static_cast<acc_t>(sc.v[kClipHi]) : std::numeric_limits<acc_t>::infinity();
+    A.k = step_coeffs<acc_t>(sc, clip_x0);
     A.seed = static_cast<uint64_t>(seed);
     A.offset = static_cast<uint64_t>(offset);
     const bool contig = unit_w({A.sz, A.se, A.sx, A.sm, A.so}) && (gen_noise || unit_w({A.sn, A.sl}));

@@ -201,7 +201,7 @@ struct StepParams {
   scalar_t* out;
   Strides4 sz, se, sx, sn, sl, sm, so;
   Dims d;
-  acc_t a, b, c1, c2, sigma, lr_scale, lr_sigma, lo, hi;
+  StepCoeffs<acc_t> k;
   uint64_t seed, blk0;  // first Philox block: offset / 4
   int64_t skip;         // offset % 4 for in-kernel noise, else 0
   int64_t nquads;
@@ -234,10 +234,11 @@ __global__ void __launch_bounds__(kThreads) yoda_step_kernel(const StepParams<sc
         nv = static_cast<acc_t>(p.noise[offset_of(p.sn, pos)]);
         nlv = static_cast<acc_t>(p.lr_noise[offset_of(p.sl, pos)]);
       }
-      acc_t x0 = p.a * zv - p.b * ev;
-      x0 = x0 < p.lo ? p.lo : (x0 > p.hi ? p.hi : x0);  // +-inf bounds when clip_x0 is off
-      const acc_t z_sr = p.c1 * x0 + p.c2 * zv + p.sigma * nv;
-      const acc_t z_lr = p.lr_scale * xv + p.lr_sigma * nlv;
+      const StepCoeffs<acc_t>& k = p.k;
+      acc_t x0 = k.a * zv - k.b * ev;
+      x0 = x0 < k.lo ? k.lo : (x0 > k.hi ? k.hi : x0);  // +-inf bounds when clip_x0 is off
+      const acc_t z_sr = k.c1 * x0 + k.c2 * zv + k.sigma * nv;
+      const acc_t z_lr = k.lr_scale * xv + k.lr_sigma * nlv;
       p.out[offset_of(p.so, pos)] = static_cast<scalar_t>(p.mask[mask_offset_of(p.sm, pos)] ? z_sr : z_lr);
       advance(pos, p.d);
     }
@@ -356,15 +357,7 @@ at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std:
     p.sm = strides_of(mask);
     p.so = strides_of(out);
     p.d = d;
-    p.a = static_cast<acc_t>(sc.v[kSqrtRecipAc]);
-    p.b = static_cast<acc_t>(sc.v[kSqrtRecipm1Ac]);
-    p.c1 = static_cast<acc_t>(sc.v[kCoef1]);
-    p.c2 = static_cast<acc_t>(sc.v[kCoef2]);
-    p.sigma = static_cast<acc_t>(sc.v[kSigma]);
-    p.lr_scale = static_cast<acc_t>(sc.v[kLrScale]);
-    p.lr_sigma = static_cast<acc_t>(sc.v[kLrSigma]);
-    p.lo = clip_x0 ? static_cast<acc_t>(sc.v[kClipLo]) : -std::numeric_limits<acc_t>::infinity();
-    p.hi = clip_x0 ? static_cast<acc_t>(sc.v[kClipHi]) : std::numeric_limits<acc_t>::infinity();
+    p.k = step_coeffs<acc_t>(sc, clip_x0);
     p.seed = static_cast<uint64_t>(seed);
     p.blk0 = gen_noise ? static_cast<uint64_t>(offset) >> 2 : 0;
     p.skip = gen_noise ? static_cast<int64_t>(static_cast<uint64_t>(offset) & 3u) : 0;
