@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR        (default: $OUT, else ./gpu_out)
 #
-# Files written: env.txt, build.log, tests.log, bench_gpu_fp32.md, bench_gpu_bf16.md,
-# sample_timing.txt, summary.txt.
+# Files written (8, the most the device tool brings back): env.txt, tests.log,
+# bench_gpu_fp32_compile.md, bench_gpu_fp32.md, bench_gpu_bf16.md, sample_timing.txt, summary.txt,
+# logs.tar.gz (build and benchmark logs). Worst case about 9.5 minutes.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_out}}"
@@ -28,19 +29,25 @@ if ! "$py" -m pip install --no-build-isolation --no-deps -e . > "$out/build.log"
 fi
 
 step tests   # every kernel test, GPU ones included; bf16 runs on the GPU only
-timeout 300 "$py" -m pytest -q -x -p no:cacheprovider \
+timeout 150 "$py" -m pytest -q -x -p no:cacheprovider \
   tests/test_extension_build.py tests/test_cpp_kernels.py tests/test_triton_kernels.py tests/test_ops_reference.py \
   tests/test_diffusion.py > "$out/tests.log" 2>&1 || status=1
 tail -n 3 "$out/tests.log" | tee -a "$out/summary.txt"
 
+# Benchmarks in three runs, each side by side within itself; torch.compile costs a compile per
+# shape, so it runs on the four larger shapes only.
+step bench-fp32-compile
+timeout 150 "$py" benchmarks/bench_gpu_ops.py --dtype float32 --batches 4 16 --sizes 256 512 \
+  --out "$out/bench_gpu_fp32_compile.md" > "$out/bench_fp32_compile.log" 2>&1 || status=1
 step bench-fp32
-timeout 240 "$py" benchmarks/bench_gpu_ops.py --dtype float32 --out "$out/bench_gpu_fp32.md" > "$out/bench_fp32.log" 2>&1 || status=1
-step bench-bf16   # smaller grid: the bf16 run mainly checks the kernels' bandwidth in half precision
-timeout 120 "$py" benchmarks/bench_gpu_ops.py --dtype bfloat16 --backends eager triton cuda_ext --batches 4 16 \
+timeout 75 "$py" benchmarks/bench_gpu_ops.py --dtype float32 --backends eager triton cuda_ext \
+  --out "$out/bench_gpu_fp32.md" > "$out/bench_fp32.log" 2>&1 || status=1
+step bench-bf16
+timeout 45 "$py" benchmarks/bench_gpu_ops.py --dtype bfloat16 --backends eager triton cuda_ext --batches 4 16 \
   --out "$out/bench_gpu_bf16.md" > "$out/bench_bf16.log" 2>&1 || status=1
 
 step sample-timing   # a whole YODA run of the demo checkpoint on the GPU, dense vs YODA
-timeout 60 "$py" - > "$out/sample_timing.txt" 2>&1 <<'PY' || status=1
+timeout 45 "$py" - > "$out/sample_timing.txt" 2>&1 <<'PY' || status=1
 import time, torch
 from pathlib import Path
 from yoda_sparse.diffusion import load_diffusion
@@ -58,4 +65,6 @@ for ck in ckpts:
 PY
 step done
 echo "exit status $status" | tee -a "$out/summary.txt"
+# the device tool brings back at most 8 files: pack the raw logs into one
+( cd "$out" && tar czf logs.tar.gz build.log bench_*.log 2>/dev/null && rm -f build.log bench_*.log )
 exit $status
