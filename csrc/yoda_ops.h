@@ -130,6 +130,17 @@ inline void check_loss_inputs(const at::Tensor& pred, const at::Tensor& target, 
   check_mask(mask, pred);
 }
 
+// The backward's inputs: the forward's, plus the one-element incoming grad and denominator.
+inline void check_loss_bwd_inputs(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                                  const at::Tensor& mask, const at::Tensor& denom) {
+  check_loss_inputs(pred, target, mask);
+  TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(), "grad must be a floating one-element tensor, got ",
+              grad.sizes(), " ", grad.scalar_type());
+  TORCH_CHECK(denom.numel() == 1 && denom.is_floating_point(), "denom must be a floating one-element tensor");
+  TORCH_CHECK(grad.device() == pred.device() && denom.device() == pred.device(),
+              "grad and denom must be on pred's device");
+}
+
 inline void check_step_inputs(const at::Tensor& z, const at::Tensor& eps, const std::optional<at::Tensor>& x_bar,
                               const at::Tensor& mask, const std::optional<at::Tensor>& noise,
                               const std::optional<at::Tensor>& lr_noise, int64_t seed, int64_t offset,

@@ -475,12 +475,7 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cpu(const at::Tensor& pred, con
 
 at::Tensor masked_l1_bwd_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                              const at::Tensor& mask_in, const at::Tensor& denom) {
-  check_loss_inputs(pred, target, mask_in);
-  TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(), "grad must be a floating one-element tensor, got ",
-              grad.sizes(), " ", grad.scalar_type());
-  TORCH_CHECK(denom.numel() == 1 && denom.is_floating_point(), "denom must be a floating one-element tensor");
-  TORCH_CHECK(grad.device() == pred.device() && denom.device() == pred.device(),
-              "grad and denom must be on pred's device");
+  check_loss_bwd_inputs(grad, pred, target, mask_in, denom);
   const auto acc = acc_type_of(pred.scalar_type());
   const at::Tensor mask = loss_mask(mask_in, acc);
   at::Tensor grad_pred = at::empty(pred.sizes(), pred.options().memory_format(output_format(pred)));

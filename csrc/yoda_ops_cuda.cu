@@ -287,12 +287,7 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
 
 at::Tensor masked_l1_bwd_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                               const at::Tensor& mask_in, const at::Tensor& denom) {
-  check_loss_inputs(pred, target, mask_in);
-  TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(), "grad must be a floating one-element tensor, got ",
-              grad.sizes(), " ", grad.scalar_type());
-  TORCH_CHECK(denom.numel() == 1 && denom.is_floating_point(), "denom must be a floating one-element tensor");
-  TORCH_CHECK(grad.device() == pred.device() && denom.device() == pred.device(),
-              "grad and denom must be on pred's device");
+  check_loss_bwd_inputs(grad, pred, target, mask_in, denom);
   const c10::cuda::CUDAGuard guard(pred.device());
   const auto acc = acc_type_of(pred.scalar_type());
   const at::Tensor mask = loss_mask(mask_in, acc);
