@@ -224,22 +224,25 @@ __global__ void __launch_bounds__(kThreads) yoda_step_kernel(const StepParams<sc
       const int64_t e = first + lane;
       if (e < 0) continue;
       if (e >= p.d.N) break;
-      const acc_t zv = static_cast<acc_t>(p.z[offset_of(p.sz, pos)]);
-      const acc_t ev = static_cast<acc_t>(p.eps[offset_of(p.se, pos)]);
-      const acc_t xv = has_x_bar ? static_cast<acc_t>(p.x_bar[offset_of(p.sx, pos)]) : acc_t(0);
-      acc_t nv, nlv;
-      if (kGenNoise) {
-        nv = nlv = static_cast<acc_t>(nrm[lane]);
-      } else {
-        nv = static_cast<acc_t>(p.noise[offset_of(p.sn, pos)]);
-        nlv = static_cast<acc_t>(p.lr_noise[offset_of(p.sl, pos)]);
-      }
+      // Loads follow the mask (as the Triton kernel's predicated loads do): z, eps and the
+      // noise only where the pixel is active, x_bar and the LR noise only where it is not, so
+      // a YODA step reads the model output only over the active area.
       const StepCoeffs<acc_t>& k = p.k;
-      acc_t x0 = k.a * zv - k.b * ev;
-      x0 = x0 < k.lo ? k.lo : (x0 > k.hi ? k.hi : x0);  // +-inf bounds when clip_x0 is off
-      const acc_t z_sr = k.c1 * x0 + k.c2 * zv + k.sigma * nv;
-      const acc_t z_lr = k.lr_scale * xv + k.lr_sigma * nlv;
-      p.out[offset_of(p.so, pos)] = static_cast<scalar_t>(p.mask[mask_offset_of(p.sm, pos)] ? z_sr : z_lr);
+      acc_t v;
+      if (p.mask[mask_offset_of(p.sm, pos)]) {
+        const acc_t zv = static_cast<acc_t>(p.z[offset_of(p.sz, pos)]);
+        const acc_t ev = static_cast<acc_t>(p.eps[offset_of(p.se, pos)]);
+        const acc_t nv = kGenNoise ? static_cast<acc_t>(nrm[lane]) : static_cast<acc_t>(p.noise[offset_of(p.sn, pos)]);
+        acc_t x0 = k.a * zv - k.b * ev;
+        x0 = x0 < k.lo ? k.lo : (x0 > k.hi ? k.hi : x0);  // +-inf bounds when clip_x0 is off
+        v = k.c1 * x0 + k.c2 * zv + k.sigma * nv;
+      } else {
+        const acc_t xv = has_x_bar ? static_cast<acc_t>(p.x_bar[offset_of(p.sx, pos)]) : acc_t(0);
+        const acc_t nlv =
+            kGenNoise ? static_cast<acc_t>(nrm[lane]) : static_cast<acc_t>(p.lr_noise[offset_of(p.sl, pos)]);
+        v = k.lr_scale * xv + k.lr_sigma * nlv;
+      }
+      p.out[offset_of(p.so, pos)] = static_cast<scalar_t>(v);
       advance(pos, p.d);
     }
   }
@@ -260,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
   at::Tensor loss = at::empty({}, pred.options());
   at::Tensor denom = at::empty({}, pred.options().dtype(acc));
   const int blocks = d.N > 0 ? grid_for((d.N + 3) / 4) : 1;
-  at::Tensor partials = at::zeros({2 * static_cast<int64_t>(blocks)}, pred.options().dtype(at::kDouble));
+  // every block writes its two partials: no zero fill needed
+  at::Tensor partials = at::empty({2 * static_cast<int64_t>(blocks)}, pred.options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
   const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cuda", [&] {

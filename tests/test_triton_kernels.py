@@ -281,13 +281,13 @@ def test_int64_index_path(monkeypatch):
     base_step = kys.yoda_step(z, eps, x_bar, mask, noise, None, None, 0, coeffs, False)
     base_noise = kys.yoda_step(z, eps, x_bar, mask, None, None, 5, 9, coeffs, False)
     base_loss = kl1.masked_l1_forward(z, eps, mask, "active")[0]
-    base_grad = kl1.masked_l1_backward(torch.tensor(1.0), z, eps, mask, torch.tensor(3.0))[0]
+    base_grad = kl1.masked_l1_backward(torch.tensor(1.0, device=DEVICE), z, eps, mask, torch.tensor(3.0, device=DEVICE))[0]
     monkeypatch.setattr(kys, "needs_int64", lambda *a: True)
     monkeypatch.setattr(kl1, "needs_int64", lambda *a: True)
     assert torch.equal(kys.yoda_step(z, eps, x_bar, mask, noise, None, None, 0, coeffs, False), base_step)
     assert torch.equal(kys.yoda_step(z, eps, x_bar, mask, None, None, 5, 9, coeffs, False), base_noise)
     assert torch.equal(kl1.masked_l1_forward(z, eps, mask, "active")[0], base_loss)
-    assert torch.equal(kl1.masked_l1_backward(torch.tensor(1.0), z, eps, mask, torch.tensor(3.0))[0], base_grad)
+    assert torch.equal(kl1.masked_l1_backward(torch.tensor(1.0, device=DEVICE), z, eps, mask, torch.tensor(3.0, device=DEVICE))[0], base_grad)
 
 
 # ---------------------------------------------------------------------------------- in-kernel noise
@@ -458,6 +458,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(_ALREADY_COMPILED, reason="see test_rerun_in_fresh_process")
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels run compiled (tests/test_cuda_graphs.py covers torch.compile)")
 def test_kernels_compile_for_sm90_and_trace_for_torch_compile():
     """What the interpreter can't check: type-correct kernels and graph-traceable launchers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
