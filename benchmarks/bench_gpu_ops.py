@@ -6,9 +6,12 @@ Ops timed (batch {1,4,16} x 3 x {128,256,512}^2 by default):
   * yoda_step with in-kernel noise (seed/offset; the reference draws it with torch),
   * masked L1 loss forward + backward (grad for pred only, as in training: target = noise).
 
-Timing: ``triton.testing.do_bench`` medians with the 20th/80th percentiles. Bandwidth: the
-bytes each op must move divided by the median time, and its fraction of the bandwidth of a
-plain device-to-device ``copy_`` of a large tensor measured in the same run. Byte models:
+Timing, two ways: ``triton.testing.do_bench`` medians (20th/80th percentiles) of single calls
+from Python, which include the host's launch overhead where it exceeds the device work; and
+the device time alone, from a CUDA graph of the calls on K rotating input sets (see
+:func:`graph_ms`). Bandwidth: the bytes each op must move over the device time, and its
+fraction of the bandwidth of a plain device-to-device ``copy_`` of a large tensor measured in
+the same run. Byte models:
   * yoda_step reads z, eps and the active-area noise only where the mask is set, x_bar and
     the LR-branch noise only where it is not, the bool mask once per pixel, and writes every
     output element (with in-kernel noise, no noise is read);
@@ -26,6 +29,7 @@ Needs a CUDA device; prints a markdown table naming the GPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -46,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", default=["eager", "compile", "triton", "cuda_ext"], choices=["eager", "compile", "triton", "cuda_ext"])
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (default 100)")
+    p.add_argument("--max-sets", type=int, default=64, help="most input sets rotated in the device timing (default 64)")
     p.add_argument("--out", type=str, default=None, help="also write the markdown report to this file (atomically)")
     args = p.parse_args(argv)
     if not 0.0 <= args.active <= 1.0:
@@ -68,6 +73,35 @@ def make_mask(B, H, W, active, device, gen):
         return torch.zeros((B, 1, H, W), dtype=torch.bool, device=device)
     thr = torch.quantile(field.flatten(1).float(), 1.0 - active, dim=1).view(B, 1, 1, 1)
     return field > thr
+
+
+def graph_ms(torch, calls, reps=10):
+    """Device time per call: the calls (one per input set) captured in one CUDA graph, the
+    graph replayed ``reps`` times, the median replay over len(calls). Host-side overhead
+    (Python, dispatch, autograd bookkeeping) is left out, and rotating the input sets keeps
+    the data from being served by the L2 cache."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in calls:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2] / len(calls)
 
 
 def copy_bandwidth(torch, do_bench, nbytes=1 << 30):
@@ -99,8 +133,12 @@ def step_cases(torch, ops, reference, args, B, C, H, W, dtype, in_kernel_noise, 
 
     fns, skipped = {}, {}
     if "eager" in args.backends:
-        ref_fn = ops.select("yoda_step", *call, backend="reference").fn
-        fns["eager"] = lambda: ref_fn(*call)
+        if in_kernel_noise:  # the compiled counterpart's function, uncompiled (default generator:
+            # unlike the reference backend's private torch.Generator, it can be graph-captured)
+            fns["eager"] = lambda: ref_dense(z, eps, x_bar, mask, torch.randn_like(z))
+        else:
+            ref_fn = ops.select("yoda_step", *call, backend="reference").fn
+            fns["eager"] = lambda: ref_fn(*call)
     if "compile" in args.backends:
         if in_kernel_noise:  # inductor's own in-graph RNG: the fair compiled counterpart
             compiled = torch.compile(lambda z, eps, x_bar, mask: ref_dense(z, eps, x_bar, mask, torch.randn_like(z)))
@@ -193,16 +231,21 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     copy_bw = copy_bandwidth(torch, do_bench)
 
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     lines = [
         f"# yoda-sparse GPU op benchmark — {device_name}",
         "",
         f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; dtype {args.dtype}; "
         f"C = {args.channels}; mask active fraction {args.active:.2f} (spatially coherent); "
-        f"device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write of a 1 GiB tensor).",
+        f"device-to-device copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write of a 1 GiB tensor); "
+        f"L2 {l2_bytes >> 20} MiB.",
         "",
-        "Times: do_bench median (p20–p80) in ms. GB/s: bytes the op must move / median time "
-        "(see the byte models in benchmarks/bench_gpu_ops.py); % copy: that over the copy bandwidth; "
-        "speedup: eager median / this median.",
+        "Two times per cell. **call ms**: `do_bench` median (p20–p80) of one call from Python, L2 flushed "
+        "before each, so it includes the host's launch overhead whenever that exceeds the device "
+        "work (small shapes; the loss's autograd). **device µs**: the calls on K rotating input sets "
+        "(K·bytes ≥ 3× L2) captured in one CUDA graph, median replay / K: the GPU time alone. GB/s and "
+        "% copy use the device time and the bytes the op must move (byte models in "
+        "benchmarks/bench_gpu_ops.py); speedups are eager / this, for each time.",
         "",
     ]
     titles = {
@@ -212,32 +255,49 @@ def main(argv=None) -> int:
     }
     t_start = time.time()
     for op in args.ops:
-        lines += [f"## {titles[op]}", "", "| shape | backend | ms (p20–p80) | GB/s | % copy | speedup vs eager |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {titles[op]}", "",
+            "| shape | backend | call ms (p20–p80) | speedup | device µs | speedup | GB/s | % copy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         notes = {}
         for B in args.batches:
             for S in args.sizes:
                 shape = (B, args.channels, S, S)
-                if op == "l1":
-                    fns, skipped, nbytes = l1_cases(torch, ops, reference, args, *shape, dtype, gen)
-                else:
-                    fns, skipped, nbytes = step_cases(torch, ops, reference, args, *shape, dtype, op == "step_seed", gen)
+
+                def make():
+                    if op == "l1":
+                        return l1_cases(torch, ops, reference, args, *shape, dtype, gen)
+                    return step_cases(torch, ops, reference, args, *shape, dtype, op == "step_seed", gen)
+
+                fns, skipped, nbytes = make()
+                n_sets = max(1, min(args.max_sets, math.ceil(3 * l2_bytes / nbytes)))
+                sets = [fns] + [make()[0] for _ in range(n_sets - 1)]
                 for name, reason in skipped.items():
                     notes.setdefault(name, reason)
-                eager_ms = None
+                eager = {}
                 for name, fn in fns.items():
                     fn()  # compile / build / warm caches outside the timing
                     torch.cuda.synchronize()
                     med, lo, hi = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+                    try:
+                        dev = graph_ms(torch, [fs[name] for fs in sets])
+                    except Exception as exc:  # report, keep going
+                        dev = None
+                        notes.setdefault(f"{name} (device time)", f"CUDA-graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
+                        torch.cuda.synchronize()
                     if name == "eager":
-                        eager_ms = med
-                    gbs = nbytes / (med * 1e-3) / 1e9
-                    speed = f"{eager_ms / med:.2f}x" if eager_ms else "–"
-                    lines.append(
-                        f"| {B}x{args.channels}x{S}x{S} | {name} | {med:.4f} ({lo:.4f}–{hi:.4f}) | {gbs:.0f} | "
-                        f"{100 * gbs * 1e9 / copy_bw:.0f}% | {speed} |"
-                    )
+                        eager = {"call": med, "dev": dev}
+                    sp_call = f"{eager['call'] / med:.2f}x" if eager.get("call") else "–"
+                    if dev is None:
+                        dev_cells = "– | – | – | –"
+                    else:
+                        gbs = nbytes / (dev * 1e-3) / 1e9
+                        sp_dev = f"{eager['dev'] / dev:.2f}x" if eager.get("dev") else "–"
+                        dev_cells = f"{dev * 1e3:.1f} | {sp_dev} | {gbs:.0f} | {100 * gbs * 1e9 / copy_bw:.0f}%"
+                    lines.append(f"| {B}x{args.channels}x{S}x{S} | {name} | {med:.4f} ({lo:.4f}–{hi:.4f}) | {sp_call} | {dev_cells} |")
                     print(lines[-1], flush=True)
-                del fns
+                del fns, sets
                 torch.cuda.empty_cache()
         for name, reason in notes.items():
             lines.append(f"\n{name} not measured: {reason}")

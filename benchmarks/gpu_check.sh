@@ -18,6 +18,11 @@ py="${PYTHON:-python3}"
 # The machine's own torch is used as it is (no network there): build the extension in place and
 # put the checkout first on the import path instead of pip-installing it.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# yoda_sparse.kernels is the top-level kernels/ folder, mapped there by setup.py's package_dir;
+# without an install a link puts it in place (removed again on exit).
+link_made=0
+if [ ! -e yoda_sparse/kernels ]; then ln -s ../kernels yoda_sparse/kernels && link_made=1; fi
+trap '[ "$link_made" = 1 ] && rm -f yoda_sparse/kernels' EXIT
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" YODA_SPARSE_REQUIRE_EXT=1 YODA_SPARSE_NO_JIT=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda

@@ -8,6 +8,8 @@
 // position of the first element of a quad is decomposed once (32-bit division when the
 // numbers fit), the other three advance incrementally.
 //
+// NCHW-contiguous operands take the planar fast path (below): kVec-wide loads per (b, c) plane.
+//
 // The loss forward is deterministic: fixed per-thread order, fixed shared-memory tree per
 // block, per-block partials in float64, one finishing block that sums them in a fixed order.
 #include "philox.h"
@@ -20,6 +22,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 namespace yoda {
@@ -248,6 +252,200 @@ __global__ void __launch_bounds__(kThreads) yoda_step_kernel(const StepParams<sc
   }
 }
 
+
+// ------------------------------------------------------------------------------- planar fast path
+// The common case: every image operand NCHW-contiguous, the mask's pixels contiguous, H*W a
+// multiple of 4 and every base pointer aligned to a run of 4 elements. Then blockIdx.y is a
+// (b, c) plane, each thread takes runs of kVec pixels of that plane, and every operand is read
+// with one kVec-wide load: no per-element index decomposition and no 64-bit stride
+// arithmetic, which is what keeps the generic path above far from the memory bandwidth.
+constexpr int kVec = 4;
+
+template <typename T>
+struct alignas(sizeof(T) * kVec) Run {
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ Run<T> load_run(const T* p) {
+  return *reinterpret_cast<const Run<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_run(T* p, const Run<T>& r) {
+  *reinterpret_cast<Run<T>*>(p) = r;
+}
+
+bool aligned_run(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (t.element_size() * kVec) == 0;
+}
+
+// Image operands NCHW-contiguous and run-aligned; mask [B,1,H,W] with contiguous pixels and a
+// run-aligned start of every batch row; H*W % kVec == 0; the planes fit grid.y.
+bool planar_ok(std::initializer_list<const at::Tensor*> images, const at::Tensor& mask) {
+  const at::Tensor& first = **images.begin();
+  const int64_t H = first.size(2), W = first.size(3);
+  if ((H * W) % kVec != 0 || first.size(0) * first.size(1) > 65535) return false;
+  for (const at::Tensor* t : images) {
+    if (t != nullptr && t->defined() && !(t->is_contiguous() && aligned_run(*t))) return false;
+  }
+  const bool pixels_contiguous = (W == 1 || mask.stride(3) == 1) && (H == 1 || mask.stride(2) == W);
+  return pixels_contiguous && aligned_run(mask) && mask.stride(0) % kVec == 0;
+}
+
+// Blocks per plane: one run per thread, or fewer (a grid-stride loop) when the whole grid would
+// pass max_blocks (the loss forward keeps its partial sums few; elementwise kernels pass no cap).
+dim3 planar_grid(int64_t planes, int64_t HW, int64_t max_blocks = std::numeric_limits<int64_t>::max()) {
+  const int64_t runs = HW / kVec;
+  const int64_t want = (runs + kThreads - 1) / kThreads;
+  const int64_t per_plane = std::max<int64_t>(1, std::min<int64_t>(want, (max_blocks + planes - 1) / planes));
+  return dim3(static_cast<unsigned>(std::min<int64_t>(per_plane, 65535)), static_cast<unsigned>(planes));
+}
+
+struct Planar {
+  int64_t C, HW, mask_sb;  // mask batch stride
+};
+
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kThreads)
+    l1_fwd_planar_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T,
+                         const mask_t* __restrict__ M, Planar g, double* __restrict__ partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = blockIdx.y;
+  const int64_t base = plane * g.HW;
+  const mask_t* mrow = M + (plane / g.C) * g.mask_sb;
+  acc_t s = 0, n = 0;
+  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; hw < g.HW;
+       hw += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
+    const Run<scalar_t> p = load_run(P + base + hw), t = load_run(T + base + hw);
+    const Run<mask_t> m = load_run(mrow + hw);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const acc_t mm = static_cast<acc_t>(m.v[j]);
+      s += absv(static_cast<acc_t>(p.v[j]) - static_cast<acc_t>(t.v[j])) * mm;
+      n += mm;
+    }
+  }
+  __shared__ double sh_s[kThreads];
+  __shared__ double sh_n[kThreads];
+  sh_s[threadIdx.x] = static_cast<double>(s);
+  sh_n[threadIdx.x] = static_cast<double>(n);
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
+      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const int64_t blk = plane * gridDim.x + blockIdx.x;
+    partials[2 * blk] = sh_s[0];
+    partials[2 * blk + 1] = sh_n[0];
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kThreads)
+    l1_bwd_planar_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T,
+                         const mask_t* __restrict__ M, scalar_t* __restrict__ GP, Planar g,
+                         const at::opmath_type<scalar_t>* __restrict__ grad,
+                         const at::opmath_type<scalar_t>* __restrict__ denom) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = grad[0] / denom[0];
+  const int64_t plane = blockIdx.y;
+  const int64_t base = plane * g.HW;
+  const mask_t* mrow = M + (plane / g.C) * g.mask_sb;
+  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; hw < g.HW;
+       hw += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
+    const Run<scalar_t> p = load_run(P + base + hw), t = load_run(T + base + hw);
+    const Run<mask_t> m = load_run(mrow + hw);
+    Run<scalar_t> o;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const acc_t diff = static_cast<acc_t>(p.v[j]) - static_cast<acc_t>(t.v[j]);
+      const acc_t sgn = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : diff);
+      o.v[j] = static_cast<scalar_t>(sgn * static_cast<acc_t>(m.v[j]) * scale);
+    }
+    store_run(GP + base + hw, o);
+  }
+}
+
+template <typename scalar_t>
+struct PlanarStepParams {
+  const scalar_t *z, *eps, *x_bar, *noise, *lr_noise;  // x_bar may be null (means 0)
+  const bool* mask;
+  scalar_t* out;
+  Planar g;
+  StepCoeffs<at::opmath_type<scalar_t>> k;
+  uint64_t seed, offset;
+};
+
+template <typename scalar_t, bool kGenNoise>
+__global__ void __launch_bounds__(kThreads) yoda_step_planar_kernel(const PlanarStepParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = blockIdx.y;
+  const int64_t base = plane * p.g.HW;
+  const bool* mrow = p.mask + (plane / p.g.C) * p.g.mask_sb;
+  const StepCoeffs<acc_t>& k = p.k;
+  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; hw < p.g.HW;
+       hw += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
+    const int64_t i = base + hw;  // logical index of the run's first element
+    const Run<bool> m = load_run(mrow + hw);
+    bool any_on = false, any_off = false;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      any_on |= m.v[j];
+      any_off |= !m.v[j];
+    }
+    // As in the generic kernel, reads follow the mask: the model output only where active.
+    Run<scalar_t> z{}, e{}, n{}, x{}, nl{};
+    if (any_on) {
+      z = load_run(p.z + i);
+      e = load_run(p.eps + i);
+      if (!kGenNoise) n = load_run(p.noise + i);
+    }
+    if (any_off) {
+      if (p.x_bar != nullptr) x = load_run(p.x_bar + i);
+      if (!kGenNoise) nl = load_run(p.lr_noise + i);
+    }
+    float nrm[kVec];
+    if (kGenNoise) {
+      // Element i draws counter offset + i: Philox block (offset + i) / 4, lane (offset + i) % 4.
+      // i is a multiple of 4 here, so the run spans one block, or two when offset % 4 != 0.
+      const uint64_t ctr = p.offset + static_cast<uint64_t>(i);
+      const int lane0 = static_cast<int>(ctr & 3u);
+      float lo[4], hi[4] = {0.f, 0.f, 0.f, 0.f};
+      philox::normals4(p.seed, ctr >> 2, lo);
+      if (lane0 != 0) philox::normals4(p.seed, (ctr >> 2) + 1, hi);
+      // constant indices only (lane0 is the same for the whole launch), so lo/hi stay in registers
+      switch (lane0) {
+        case 0: nrm[0] = lo[0]; nrm[1] = lo[1]; nrm[2] = lo[2]; nrm[3] = lo[3]; break;
+        case 1: nrm[0] = lo[1]; nrm[1] = lo[2]; nrm[2] = lo[3]; nrm[3] = hi[0]; break;
+        case 2: nrm[0] = lo[2]; nrm[1] = lo[3]; nrm[2] = hi[0]; nrm[3] = hi[1]; break;
+        default: nrm[0] = lo[3]; nrm[1] = hi[0]; nrm[2] = hi[1]; nrm[3] = hi[2]; break;
+      }
+    }
+    Run<scalar_t> o;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      acc_t v;
+      if (m.v[j]) {
+        const acc_t zv = static_cast<acc_t>(z.v[j]);
+        const acc_t nv = kGenNoise ? static_cast<acc_t>(nrm[j]) : static_cast<acc_t>(n.v[j]);
+        acc_t x0 = k.a * zv - k.b * static_cast<acc_t>(e.v[j]);
+        x0 = x0 < k.lo ? k.lo : (x0 > k.hi ? k.hi : x0);
+        v = k.c1 * x0 + k.c2 * zv + k.sigma * nv;
+      } else {
+        const acc_t nlv = kGenNoise ? static_cast<acc_t>(nrm[j]) : static_cast<acc_t>(nl.v[j]);
+        v = k.lr_scale * static_cast<acc_t>(x.v[j]) + k.lr_sigma * nlv;
+      }
+      o.v[j] = static_cast<scalar_t>(v);
+    }
+    store_run(p.out + i, o);
+  }
+}
+
 }  // namespace
 
 // ================================================================================== ops
@@ -262,14 +460,29 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
   const Dims d = dims_of(pred);
   at::Tensor loss = at::empty({}, pred.options());
   at::Tensor denom = at::empty({}, pred.options().dtype(acc));
-  const int blocks = d.N > 0 ? grid_for((d.N + 3) / 4) : 1;
+  const bool planar = d.N > 0 && planar_ok({&pred, &target}, mask);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W, sms * 8) : dim3(1);
+  const Planar pg{d.C, d.H * d.W, mask.stride(0)};
+  const int blocks = planar ? static_cast<int>(pgrid.x * pgrid.y) : (d.N > 0 ? grid_for((d.N + 3) / 4) : 1);
   // every block writes its two partials: no zero fill needed
   at::Tensor partials = at::empty({2 * static_cast<int64_t>(blocks)}, pred.options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
   const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (d.N > 0) {
+    if (planar) {
+      if (mask.scalar_type() == at::kBool) {
+        l1_fwd_planar_kernel<scalar_t, bool><<<pgrid, kThreads, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), pg,
+            partials.mutable_data_ptr<double>());
+      } else {
+        l1_fwd_planar_kernel<scalar_t, acc_t><<<pgrid, kThreads, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(), pg,
+            partials.mutable_data_ptr<double>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (d.N > 0) {
       if (mask.scalar_type() == at::kBool) {
         l1_fwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
             pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), sp, st,
@@ -304,11 +517,22 @@ at::Tensor masked_l1_bwd_cuda(const at::Tensor& grad, const at::Tensor& pred, co
   const int blocks = grid_for((d.N + 3) / 4);
   auto stream = at::cuda::getCurrentCUDAStream();
   const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask), sg = strides_of(grad_pred);
+  const bool planar = planar_ok({&pred, &target, &grad_pred}, mask);
+  const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W) : dim3(1);
+  const Planar pg{d.C, d.H * d.W, mask.stride(0)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gp = g_acc.const_data_ptr<acc_t>();
     const acc_t* dp = d_acc.const_data_ptr<acc_t>();
-    if (mask.scalar_type() == at::kBool) {
+    if (planar && mask.scalar_type() == at::kBool) {
+      l1_bwd_planar_kernel<scalar_t, bool><<<pgrid, kThreads, 0, stream>>>(
+          pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+          grad_pred.mutable_data_ptr<scalar_t>(), pg, gp, dp);
+    } else if (planar) {
+      l1_bwd_planar_kernel<scalar_t, acc_t><<<pgrid, kThreads, 0, stream>>>(
+          pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(),
+          grad_pred.mutable_data_ptr<scalar_t>(), pg, gp, dp);
+    } else if (mask.scalar_type() == at::kBool) {
       l1_bwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
           pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
           grad_pred.mutable_data_ptr<scalar_t>(), sp, st, sm, sg, d, gp, dp);
@@ -338,6 +562,32 @@ at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std:
   const at::Tensor nz = gen_noise ? at::Tensor() : *noise;
   const at::Tensor lnz = gen_noise ? at::Tensor() : ((lr_noise.has_value() && lr_noise->defined()) ? *lr_noise : nz);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor* xb = has_x_bar ? &*x_bar : nullptr;
+  if (planar_ok({&z, &eps, &out, xb, &nz, &lnz}, mask)) {
+    const dim3 grid = planar_grid(d.B * d.C, d.H * d.W);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cuda_planar", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      PlanarStepParams<scalar_t> p;
+      p.z = z.const_data_ptr<scalar_t>();
+      p.eps = eps.const_data_ptr<scalar_t>();
+      p.x_bar = has_x_bar ? x_bar->const_data_ptr<scalar_t>() : nullptr;
+      p.noise = gen_noise ? nullptr : nz.const_data_ptr<scalar_t>();
+      p.lr_noise = gen_noise ? nullptr : lnz.const_data_ptr<scalar_t>();
+      p.mask = mask.const_data_ptr<bool>();
+      p.out = out.mutable_data_ptr<scalar_t>();
+      p.g = Planar{d.C, d.H * d.W, mask.stride(0)};
+      p.k = step_coeffs<acc_t>(sc, clip_x0);
+      p.seed = static_cast<uint64_t>(seed);
+      p.offset = static_cast<uint64_t>(offset);
+      if (gen_noise) {
+        yoda_step_planar_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        yoda_step_planar_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     StepParams<scalar_t> p;

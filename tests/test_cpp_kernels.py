@@ -442,12 +442,13 @@ def test_op_errors_name_the_argument():
 
 
 # ------------------------------------------------------------------------------ CUDA (GPU machines)
+# NCHW-contiguous operands with H*W % 4 == 0 take the planar kernels, the rest the generic ones.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
-def test_cuda_ext_matches_reference(dtype, layout):
+@pytest.mark.parametrize("shape", [(3, 3, 33, 65), (2, 3, 32, 20)])  # H*W odd / a multiple of 4 (planar path)
+def test_cuda_ext_matches_reference(dtype, layout, shape):
     assert dict(ops.describe()["yoda_step"])["cuda_ext"] == "available"
-    shape = (3, 3, 33, 65)
     for normalize in ("all", "active", "sum"):
         pred = image(shape, dtype, layout, "cuda").requires_grad_()
         target = image(shape, dtype, layout, "cuda")
@@ -473,14 +474,18 @@ def test_cuda_ext_matches_reference(dtype, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1234, 3), (2**40 + 7, 2**33 + 1)])
-def test_cuda_noise_is_bit_identical_to_cpu(seed, offset):
-    shape = (2, 3, 61, 67)
+@pytest.mark.parametrize("seed,offset", [(0, 0), (1234, 3), (2**40 + 7, 2**33 + 1), (5, 2)])
+@pytest.mark.parametrize("shape", [(2, 3, 61, 67), (2, 3, 16, 24)])  # generic / planar kernel
+def test_cuda_noise_is_bit_identical_to_cpu(seed, offset, shape):
     cpu = kernel_noise(shape, seed, offset)
     z = torch.zeros(shape, device="cuda")
     params = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, -1.0, 1.0], dtype=torch.float64)
     mask = torch.zeros(shape[0], 1, *shape[2:], dtype=torch.bool, device="cuda")
     cuda = torch.ops.yoda_sparse.ext_yoda_step(z, z, None, mask, None, None, seed, offset, params, False)
+    assert torch.equal(cuda.cpu(), cpu)
+    # the active branch draws the same normals: mask all True, sigma 1, every other coefficient 0
+    active = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -1.0, 1.0], dtype=torch.float64)
+    cuda = torch.ops.yoda_sparse.ext_yoda_step(z, z, None, ~mask, None, None, seed, offset, active, False)
     assert torch.equal(cuda.cpu(), cpu)
 
 
