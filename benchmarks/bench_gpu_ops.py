@@ -12,9 +12,11 @@ the device time alone, from a CUDA graph of the calls on K rotating input sets (
 :func:`graph_ms`). Bandwidth: the bytes each op must move over the device time, and its
 fraction of the bandwidth of a plain device-to-device ``copy_`` of a large tensor measured in
 the same run. Byte models:
-  * yoda_step reads z, eps and the active-area noise only where the mask is set, x_bar and
-    the LR-branch noise only where it is not, the bool mask once per pixel, and writes every
-    output element (with in-kernel noise, no noise is read);
+  * yoda_step: every input read once and the output written once (z, eps, x_bar, noise ->
+    out; no noise with in-kernel noise; the bool mask once per pixel). The kernels read z and
+    eps only where the mask is set and x_bar only where it is not, so with a mask they may
+    move less than this; but DRAM moves whole sectors, and a coherent mask's edges cut most
+    of them, so the dense count is the honest floor to compare with a copy;
   * masked L1 forward + backward: the forward reads pred and target everywhere (a NaN anywhere
     must reach the loss) and the mask; the backward reads them again and writes grad_pred. Two
     separate calls cannot move less: the backward needs either the inputs or a saved per-element
@@ -155,11 +157,7 @@ def step_cases(torch, ops, reference, args, B, C, H, W, dtype, in_kernel_noise, 
                 fns[name] = fn
     es = z.element_size()
     n, pixels = z.numel(), B * H * W
-    a = mask.float().mean().item()
-    if in_kernel_noise:
-        nbytes = es * n * (1 + 2 * a + (1 - a)) + pixels  # out + (z, eps | x_bar) + mask
-    else:
-        nbytes = es * n * (1 + 3 * a + 2 * (1 - a)) + pixels  # out + (z, eps, noise | x_bar, noise) + mask
+    nbytes = es * n * (4 if in_kernel_noise else 5) + pixels  # z, eps, x_bar[, noise] -> out; mask
     return fns, skipped, nbytes
 
 

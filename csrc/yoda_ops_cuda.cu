@@ -298,7 +298,8 @@ bool planar_ok(std::initializer_list<const at::Tensor*> images, const at::Tensor
 dim3 planar_grid(int64_t planes, int64_t HW, int64_t max_blocks = std::numeric_limits<int64_t>::max()) {
   const int64_t runs = HW / kVec;
   const int64_t want = (runs + kThreads - 1) / kThreads;
-  const int64_t per_plane = std::max<int64_t>(1, std::min<int64_t>(want, (max_blocks + planes - 1) / planes));
+  const int64_t cap = max_blocks / planes + (max_blocks % planes != 0);  // ceil, without overflow
+  const int64_t per_plane = std::max<int64_t>(1, std::min<int64_t>(want, cap));
   return dim3(static_cast<unsigned>(std::min<int64_t>(per_plane, 65535)), static_cast<unsigned>(planes));
 }
 

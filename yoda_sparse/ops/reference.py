@@ -15,10 +15,12 @@ VARIANCES = ("fixed_small", "fixed_large")
 def masked_l1_denominator(pred: torch.Tensor, mask: torch.Tensor, normalize: str) -> torch.Tensor:
     """The divisor of eq. 10's sum: B*C*H*W ("all"), C * (number of active pixels) ("active",
     at least 1 so an empty mask gives 0 instead of NaN), or 1 ("sum")."""
+    # torch.full, not torch.tensor: no host-to-device copy, so the reference can run inside a
+    # CUDA-graph capture (the GPU benchmark times it that way)
     if normalize == "all":
-        return torch.tensor(float(pred.numel()), dtype=torch.float64, device=pred.device)
+        return torch.full((), float(pred.numel()), dtype=torch.float64, device=pred.device)
     if normalize == "sum":
-        return torch.tensor(1.0, dtype=torch.float64, device=pred.device)
+        return torch.full((), 1.0, dtype=torch.float64, device=pred.device)
     active = mask.to(torch.float64).sum() * pred.shape[1]
     return active.clamp(min=1.0)
 
