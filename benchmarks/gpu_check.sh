@@ -8,7 +8,7 @@
 # Files written (8, the most the device tool brings back), each as soon as its step ends, so a
 # run cut short still returns what it did: summary.txt, env.txt, build.log, tests.log,
 # bench_gpu_fp32.md, bench_gpu_bf16.md, bench.log (both benchmarks' raw output, rows printed as
-# measured), sample_timing.txt. Typically about 5 minutes on an H100/H200; at most about 10.
+# measured), sample_timing.txt. About 4 minutes on an H200; at most about 7.5.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_out}}"
@@ -38,22 +38,22 @@ if ! timeout 240 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; the
 fi
 
 step tests   # the GPU tests (CPU CI runs the rest): CUDA kernels, Triton compiled, graphs, compile
-timeout 150 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider \
+timeout 120 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider \
   tests/test_extension_build.py tests/test_cuda_graphs.py tests/test_triton_kernels.py > "$out/tests.log" 2>&1 || status=1
-timeout 60 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider -m gpu tests/test_cpp_kernels.py >> "$out/tests.log" 2>&1 || status=1
+timeout 45 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider -m gpu tests/test_cpp_kernels.py >> "$out/tests.log" 2>&1 || status=1
 tail -n 3 "$out/tests.log" | tee -a "$out/summary.txt"
 
 # Benchmarks side by side within each run. torch.compile compiles twice per op (the first
 # shape, then once with dynamic shapes), so it runs at every shape in fp32.
 step bench-fp32
-timeout 170 "$py" benchmarks/bench_gpu_ops.py --dtype float32 \
+timeout 150 "$py" benchmarks/bench_gpu_ops.py --dtype float32 \
   --out "$out/bench_gpu_fp32.md" >> "$out/bench.log" 2>&1 || status=1
 step bench-bf16
-timeout 70 "$py" benchmarks/bench_gpu_ops.py --dtype bfloat16 --backends eager triton cuda_ext \
+timeout 60 "$py" benchmarks/bench_gpu_ops.py --dtype bfloat16 --backends eager triton cuda_ext \
   --out "$out/bench_gpu_bf16.md" >> "$out/bench.log" 2>&1 || status=1
 
 step sample-timing   # a whole YODA run of the demo checkpoints on the GPU, dense vs YODA
-timeout 45 "$py" - > "$out/sample_timing.txt" 2>&1 <<'PY' || status=1
+timeout 30 "$py" - > "$out/sample_timing.txt" 2>&1 <<'PY' || status=1
 import time, torch
 from pathlib import Path
 from yoda_sparse.diffusion import load_diffusion

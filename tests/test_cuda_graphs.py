@@ -48,10 +48,11 @@ def _refill(*tensors):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("noise_mode", ["tensor", "seed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_yoda_step_replays_in_a_cuda_graph(backend, noise_mode, dtype):
+@pytest.mark.parametrize("shape", [SHAPE, (2, 3, 32, 24)])  # cuda_ext: generic / planar kernel
+def test_yoda_step_replays_in_a_cuda_graph(backend, noise_mode, dtype, shape):
     _available("yoda_step", backend)
-    z, eps, x_bar, noise = (torch.randn(SHAPE, device="cuda", dtype=dtype) for _ in range(4))
-    mask = torch.rand(SHAPE[0], 1, *SHAPE[2:], device="cuda") > 0.3
+    z, eps, x_bar, noise = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(4))
+    mask = torch.rand(shape[0], 1, *shape[2:], device="cuda") > 0.3
     extra = dict(noise=noise) if noise_mode == "tensor" else dict(seed=11, offset=5)
 
     def step():
