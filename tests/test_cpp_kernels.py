@@ -386,6 +386,31 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, e_out, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compile_as_the_first_call_of_a_process():
+    """Backend availability is decided on first use (it may load the extension behind a lock,
+    which dynamo cannot trace); a compiled function that is the process's first user of the ops
+    must still trace in one graph, forced backend or not."""
+    code = textwrap.dedent("""
+        import torch
+        from yoda_sparse import NoiseSchedule, ops
+        sched = NoiseSchedule.linear(100, 1e-4, 2e-2)
+        pred = torch.randn(2, 3, 5, 7, requires_grad=True)
+        target, z = torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 7)
+        mask = torch.rand(2, 1, 5, 7) > 0.3
+        for backend in (None, "cpp"):
+            def fn(pred, target, z, mask):
+                loss = ops.masked_l1_loss(pred, target, mask, "active", backend=backend) * 2.0
+                return loss, ops.yoda_step(z, z, z, mask, 40, sched, seed=3, clip_x0=True, backend=backend)
+            loss, out = torch.compile(fn, fullgraph=True)(pred, target, z, mask)
+            e_loss, e_out = fn(pred, target, z, mask)
+            torch.testing.assert_close(loss, e_loss)
+            torch.testing.assert_close(out, e_out, rtol=1e-6, atol=1e-6)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------ registry and errors
 def test_registry_reports_backends():
     described = dict(ops.describe()["yoda_step"])

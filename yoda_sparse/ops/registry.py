@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 ENV_VAR = "YODA_SPARSE_BACKEND"
 
 
@@ -38,6 +40,11 @@ class Backend:
     def availability(self) -> str | None:
         """None when usable at all (checked once and cached), else the reason."""
         if not self._availability:
+            return _availability_of(self.op, self.name)
+        return self._availability[0]
+
+    def _check_availability(self) -> str | None:
+        if not self._availability:
             try:
                 self._availability.append(self.available())
             except Exception as exc:  # an unavailable backend must not break dispatch
@@ -47,6 +54,14 @@ class Backend:
     def why_not(self, *args, **kwargs) -> str | None:
         reason = self.availability()
         return reason if reason is not None else self.unsupported(*args, **kwargs)
+
+
+@torch.compiler.assume_constant_result
+def _availability_of(op: str, name: str) -> str | None:
+    # The first check may load (or build) the extension behind a lock, which torch.compile
+    # cannot trace: when the first call of an op is inside a compiled function, dynamo runs
+    # this eagerly and bakes the (constant) answer into the graph.
+    return _REGISTRY[op][name]._check_availability()
 
 
 class NoBackendError(RuntimeError):

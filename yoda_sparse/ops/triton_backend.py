@@ -156,12 +156,14 @@ if _IMPORT_ERROR is None:
 
 
 # ---------------------------------------------------------------------------- registry backends
-def _kernels_interpreted(module) -> bool:
-    return _IMPORT_ERROR is None and module.interpreted()
+# Whether each kernel module was created interpreted is fixed at import: decided here once,
+# so dispatch inside torch.compile never walks Triton's kernel objects.
+_L1_INTERPRETED = _IMPORT_ERROR is None and _masked_l1_module.interpreted()
+_STEP_INTERPRETED = _IMPORT_ERROR is None and _yoda_step_module.interpreted()
 
 
 def _masked_l1_unsupported(pred, target, mask, normalize):
-    return _where_unsupported(pred, mask, _kernels_interpreted(_masked_l1_module))
+    return _where_unsupported(pred, mask, _L1_INTERPRETED)
 
 
 def _masked_l1_loss(pred, target, mask, normalize):
@@ -169,7 +171,7 @@ def _masked_l1_loss(pred, target, mask, normalize):
 
 
 def _yoda_step_unsupported(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, clip_range):
-    reason = _where_unsupported(z_t, mask, _kernels_interpreted(_yoda_step_module))
+    reason = _where_unsupported(z_t, mask, _STEP_INTERPRETED)
     if reason is None and noise is None and offset + z_t.numel() > 2**63 - 1:
         return f"offset + numel must stay below 2**63 for in-kernel noise, got offset={offset}"
     return reason
