@@ -159,10 +159,11 @@ def yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs,
     )
 
 
+# cacheable: the loss checks look only at what ops._masked_l1_signature holds
 register_backend("masked_l1_loss", "cpp", masked_l1_loss, priority=20,
-                 unsupported=_unsupported_loss("cpu"), available=_available_cpu)
+                 unsupported=_unsupported_loss("cpu"), available=_available_cpu, cacheable=True)
 register_backend("masked_l1_loss", "cuda_ext", masked_l1_loss, priority=40,
-                 unsupported=_unsupported_loss("cuda"), available=_available_cuda)
+                 unsupported=_unsupported_loss("cuda"), available=_available_cuda, cacheable=True)
 register_backend("yoda_step", "cpp", yoda_step, priority=20,
                  unsupported=_unsupported_step("cpu"), available=_available_cpu)
 register_backend("yoda_step", "cuda_ext", yoda_step, priority=40,
