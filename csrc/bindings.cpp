@@ -1,8 +1,9 @@
 // Op schemas of the yoda-sparse C++/CUDA extension and their CPU/CUDA kernels.
 //
 // FRAGMENT, not TORCH_LIBRARY: Python registers other ops in the same `yoda_sparse` namespace.
-// The fake (meta) kernels and the autograd formula are registered from Python
-// (yoda_sparse/ops/cpp_backend.py), as pytorch/extension-cpp does.
+// The fake (meta) kernels are registered from Python (yoda_sparse/ops/cpp_backend.py), as
+// pytorch/extension-cpp does.  The loss the public op calls, ext_masked_l1_loss, has its
+// autograd in C++ (yoda_autograd.cpp); the lower-level ext_masked_l1_fwd keeps a Python formula.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,7 +20,26 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+// ext_masked_l1_loss below autograd (no gradient needed, e.g. under torch.inference_mode): the
+// forward kernel's loss.
+at::Tensor masked_l1_loss_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
+                              int64_t normalize) {
+  return std::get<0>(yoda::masked_l1_fwd_cpu(pred, target, mask, normalize));
+}
+
+#ifdef YODA_WITH_CUDA
+at::Tensor masked_l1_loss_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
+                               int64_t normalize) {
+  return std::get<0>(yoda::masked_l1_fwd_cuda(pred, target, mask, normalize));
+}
+#endif
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
+  // Eq. 10, differentiable in pred and target (autograd in C++: one forward kernel, one backward
+  // kernel, no Python in the autograd graph); the public masked_l1_loss calls this one.
+  m.def("ext_masked_l1_loss(Tensor pred, Tensor target, Tensor mask, int normalize) -> Tensor");
   // Eq. 10 forward: (loss in pred's dtype, denominator in the accumulation dtype);
   // normalize: 0 = "all", 1 = "active", 2 = "sum".
   m.def("ext_masked_l1_fwd(Tensor pred, Tensor target, Tensor mask, int normalize) -> (Tensor, Tensor)");
@@ -36,7 +56,12 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
       "SymInt offset, Tensor params, bool clip_x0) -> Tensor");
 }
 
+TORCH_LIBRARY_IMPL(yoda_sparse, Autograd, m) {
+  m.impl("ext_masked_l1_loss", &yoda::masked_l1_loss_autograd);
+}
+
 TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
+  m.impl("ext_masked_l1_loss", &masked_l1_loss_cpu);
   m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cpu);
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cpu);
   m.impl("ext_yoda_step", &yoda::yoda_step_cpu);
@@ -44,6 +69,7 @@ TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
 
 #ifdef YODA_WITH_CUDA
 TORCH_LIBRARY_IMPL(yoda_sparse, CUDA, m) {
+  m.impl("ext_masked_l1_loss", &masked_l1_loss_cuda);
   m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cuda);
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cuda);
   m.impl("ext_yoda_step", &yoda::yoda_step_cuda);
