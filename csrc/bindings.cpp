@@ -47,6 +47,10 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
   // grad_target = -grad_pred is formed only when target needs a gradient (it rarely does: the
   // target is the true noise), which saves a full-size write in training.
   m.def("ext_masked_l1_bwd(Tensor grad, Tensor pred, Tensor target, Tensor mask, Tensor denom) -> Tensor");
+  // CPU only: the forward plus, in the same pass, grad_pred for an incoming grad of 1
+  // (= ext_masked_l1_bwd(1, ...), same bits); normalize 0 ("all") or 2 ("sum") only, whose
+  // denominator is known before the pass.  ext_masked_l1_loss's autograd uses it on the CPU.
+  m.def("ext_masked_l1_fwd_grad(Tensor pred, Tensor target, Tensor mask, int normalize) -> (Tensor, Tensor, Tensor)");
   // Eq. 11-14, one masked reverse step; noise None -> Philox noise from (seed, offset).
   // params: float64 CPU [9] = sqrt_recip_ac, sqrt_recipm1_ac, coef1, coef2, sigma, lr_scale,
   // lr_sigma, clip_lo, clip_hi (a tensor, not float[]: under torch.compile these are traced
@@ -64,6 +68,7 @@ TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
   m.impl("ext_masked_l1_loss", &masked_l1_loss_cpu);
   m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cpu);
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cpu);
+  m.impl("ext_masked_l1_fwd_grad", &yoda::masked_l1_fwd_grad_cpu);
   m.impl("ext_yoda_step", &yoda::yoda_step_cpu);
 }
 

@@ -238,6 +238,46 @@ def test_masked_l1_backward_twice_and_inplace_check():
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_masked_l1_fused_forward_is_the_two_kernels(dtype, layout, mask_kind):
+    """ext_masked_l1_fwd_grad (the CPU autograd's forward for "all" and "sum") = the forward kernel
+    and the backward kernel at grad 1, bit for bit and stride for stride."""
+    shape = (2, 3, 17, 70)
+    pred, target = image(shape, dtype, layout), image(shape, dtype, layout)
+    mask = make_mask(shape, mask_kind, dtype)
+    for normalize in (0, 2):
+        loss, denom, grad = torch.ops.yoda_sparse.ext_masked_l1_fwd_grad(pred, target, mask, normalize)
+        loss2, denom2 = torch.ops.yoda_sparse.ext_masked_l1_fwd(pred, target, mask, normalize)
+        grad2 = torch.ops.yoda_sparse.ext_masked_l1_bwd(torch.tensor(1.0, dtype=dtype), pred, target, mask, denom2)
+        assert torch.equal(loss, loss2) and torch.equal(denom, denom2)
+        assert torch.equal(grad, grad2) and grad.stride() == grad2.stride()
+    with pytest.raises(RuntimeError, match="normalize must be 0 .all. or 2 .sum."):
+        torch.ops.yoda_sparse.ext_masked_l1_fwd_grad(pred, target, mask, 1)
+
+
+@pytest.mark.parametrize("normalize", ["all", "sum", "active"])
+def test_masked_l1_backward_any_incoming_grad(normalize):
+    """loss.backward() (grad 1: the forward's gradient is handed over) and other incoming grads
+    (the backward kernel) agree with the kernels exactly; no copy of the handed-over gradient."""
+    shape = (2, 3, 16, 24)
+    pred = image(shape, torch.float32, "channels_last").requires_grad_()
+    target, mask = image(shape, torch.float32), make_mask(shape, "bool")
+    code = cpp_backend.NORMALIZE_CODES[normalize]
+    _, denom = torch.ops.yoda_sparse.ext_masked_l1_fwd(pred.detach(), target, mask, code)
+    for g in (1.0, 0.375, -2.0):
+        pred.grad = None
+        loss = ops.masked_l1_loss(pred, target, mask, normalize, backend="cpp")
+        seen = []
+        loss.grad_fn.register_hook(lambda grad_inputs, _: seen.append(grad_inputs[0].data_ptr()))
+        loss.backward(torch.tensor(g))
+        want = torch.ops.yoda_sparse.ext_masked_l1_bwd(torch.tensor(g), pred.detach(), target, mask, denom)
+        assert torch.equal(pred.grad, want)
+        assert pred.grad.is_contiguous(memory_format=torch.channels_last)
+        assert seen == [pred.grad.data_ptr()]  # AccumulateGrad kept our tensor: no copy
+
+
 def test_masked_l1_deterministic_across_thread_counts():
     shape = (4, 3, 64, 96)
     pred, target = torch.randn(shape), torch.randn(shape)
@@ -432,6 +472,8 @@ def _step_args(noise: bool, layout="contiguous", device="cpu"):
         ("ext_masked_l1_loss", lambda: (*_loss_args(False), 1)),
         ("ext_masked_l1_fwd", lambda: (*_loss_args(), 1)),
         ("ext_masked_l1_fwd", lambda: (*_loss_args(layout="channels_last"), 0)),
+        ("ext_masked_l1_fwd_grad", lambda: (*_loss_args(False), 0)),
+        ("ext_masked_l1_fwd_grad", lambda: (*_loss_args(False, layout="sliced"), 2)),
         ("ext_masked_l1_bwd", lambda: (torch.tensor(0.5), *_loss_args(False), torch.tensor(7.0))),
         ("ext_yoda_step", lambda: _step_args(noise=True)),
         ("ext_yoda_step", lambda: _step_args(noise=False, layout="channels_last")),

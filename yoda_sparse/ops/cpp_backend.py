@@ -13,6 +13,10 @@ Ops (schemas in ``csrc/bindings.cpp``):
   ``ext_masked_l1_bwd(grad, pred, target, mask, denom) -> grad_pred`` (one pass over pred,
   target, mask); grad_target = -grad_pred is formed only when target requires grad.
   ``ext_masked_l1_fwd`` is also differentiable on its own (a Python formula, registered below).
+* ``yoda_sparse::ext_masked_l1_fwd_grad(pred, target, mask, int normalize) -> (loss, denom,
+  grad_pred)``, CPU only, normalize "all" or "sum": the forward that also writes grad_pred for
+  an incoming grad of 1 in the same pass.  ``ext_masked_l1_loss``'s autograd uses it on plain
+  CPU tensors; ``loss.backward()`` then costs no second pass over memory.
 * ``yoda_sparse::ext_yoda_step(z, eps, x_bar?, mask, noise?, lr_noise?, SymInt seed,
   SymInt offset, Tensor params, bool clip_x0) -> z_prev`` with ``params`` a float64 CPU tensor
   of the step's scalars (:data:`PARAM_ORDER`; a tensor rather than ``float[]`` because under
@@ -78,6 +82,11 @@ def _register_python_side() -> None:
         @torch.library.register_fake("yoda_sparse::ext_masked_l1_bwd")
         def _l1_bwd_fake(grad, pred, target, mask, denom):
             return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device, memory_format=_output_format(pred))
+
+        @torch.library.register_fake("yoda_sparse::ext_masked_l1_fwd_grad")
+        def _l1_fwd_grad_fake(pred, target, mask, normalize):
+            grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device, memory_format=_output_format(pred))
+            return pred.new_empty(()), pred.new_empty((), dtype=_acc_dtype(pred.dtype)), grad
 
         @torch.library.register_fake("yoda_sparse::ext_yoda_step")
         def _step_fake(z, eps, x_bar, mask, noise, lr_noise, seed, offset, params, clip_x0):
