@@ -16,6 +16,7 @@ function itself (first call, excluded from the timing, compiles).
 
     python benchmarks/bench_cpu_ops.py --out benchmarks/cpu_results.md
     python benchmarks/bench_cpu_ops.py --batches 1 4 --sizes 128 256 --no-compile
+    python benchmarks/bench_cpu_ops.py --ops l1 --no-compile
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from yoda_sparse.ops import cpp_backend, reference
 # All default shapes are timed (none skipped: the slowest cell, eager at 16x3x512x512, takes
 # ~0.5 s a call); --max-elements skips larger ones and the report lists them.
 IMPLS = ("eager", "compile", "cpp")
+OPS = {"step_noise": "yoda_step noise", "step_seed": "yoda_step in-kernel noise", "l1": "masked_l1 fwd+bwd"}
 
 
 def cpu_model() -> str:
@@ -147,7 +149,7 @@ def section(threads: int, args, schedule, t, compiled, impls) -> list[str]:
     torch.set_num_threads(threads)
     load_before, began = load_average(), time.time()
     rows, skipped, speedups = [], [], {}
-    for op in ("yoda_step noise", "yoda_step in-kernel noise", "masked_l1 fwd+bwd"):
+    for op in (OPS[key] for key in args.ops):
         for B in args.batches:
             for S in args.sizes:
                 shape = (B, args.channels, S, S)
@@ -194,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--max-elements", type=int, default=16 * 3 * 512 * 512,
                         help="skip shapes with more elements (default: none of the defaults is skipped)")
+    parser.add_argument("--ops", nargs="+", choices=tuple(OPS), default=list(OPS),
+                        help="which ops to time (default all): step_noise = yoda_step with noise tensors, step_seed ="
+                        " yoda_step with in-kernel noise, l1 = masked_l1_loss forward + backward")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per cell (min 5 calls)")
     args = parser.parse_args(argv)

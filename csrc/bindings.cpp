@@ -1,8 +1,9 @@
 // Op schemas of the yoda-sparse C++/CUDA extension and their CPU/CUDA kernels.
 //
 // FRAGMENT, not TORCH_LIBRARY: Python registers other ops in the same `yoda_sparse` namespace.
-// The fake (meta) kernels and the autograd formula are registered from Python
-// (yoda_sparse/ops/cpp_backend.py), as pytorch/extension-cpp does.
+// The fake (meta) kernels are registered from Python (yoda_sparse/ops/cpp_backend.py), as
+// pytorch/extension-cpp does.  The loss the public op calls, ext_masked_l1_loss, has its
+// autograd in C++ (yoda_autograd.cpp); the lower-level ext_masked_l1_fwd keeps a Python formula.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,7 +20,26 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+// ext_masked_l1_loss below autograd (no gradient needed, e.g. under torch.inference_mode): the
+// forward kernel's loss.
+at::Tensor masked_l1_loss_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
+                              int64_t normalize) {
+  return std::get<0>(yoda::masked_l1_fwd_cpu(pred, target, mask, normalize));
+}
+
+#ifdef YODA_WITH_CUDA
+at::Tensor masked_l1_loss_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
+                               int64_t normalize) {
+  return std::get<0>(yoda::masked_l1_fwd_cuda(pred, target, mask, normalize));
+}
+#endif
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
+  // Eq. 10, differentiable in pred and target (autograd in C++: one forward kernel, one backward
+  // kernel, no Python in the autograd graph); the public masked_l1_loss calls this one.
+  m.def("ext_masked_l1_loss(Tensor pred, Tensor target, Tensor mask, int normalize) -> Tensor");
   // Eq. 10 forward: (loss in pred's dtype, denominator in the accumulation dtype);
   // normalize: 0 = "all", 1 = "active", 2 = "sum".
   m.def("ext_masked_l1_fwd(Tensor pred, Tensor target, Tensor mask, int normalize) -> (Tensor, Tensor)");
@@ -27,6 +47,10 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
   // grad_target = -grad_pred is formed only when target needs a gradient (it rarely does: the
   // target is the true noise), which saves a full-size write in training.
   m.def("ext_masked_l1_bwd(Tensor grad, Tensor pred, Tensor target, Tensor mask, Tensor denom) -> Tensor");
+  // CPU only: the forward plus, in the same pass, grad_pred for an incoming grad of 1
+  // (= ext_masked_l1_bwd(1, ...), same bits); normalize 0 ("all") or 2 ("sum") only, whose
+  // denominator is known before the pass.  ext_masked_l1_loss's autograd uses it on the CPU.
+  m.def("ext_masked_l1_fwd_grad(Tensor pred, Tensor target, Tensor mask, int normalize) -> (Tensor, Tensor, Tensor)");
   // Eq. 11-14, one masked reverse step; noise None -> Philox noise from (seed, offset).
   // params: float64 CPU [9] = sqrt_recip_ac, sqrt_recipm1_ac, coef1, coef2, sigma, lr_scale,
   // lr_sigma, clip_lo, clip_hi (a tensor, not float[]: under torch.compile these are traced
@@ -36,14 +60,21 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
       "SymInt offset, Tensor params, bool clip_x0) -> Tensor");
 }
 
+TORCH_LIBRARY_IMPL(yoda_sparse, Autograd, m) {
+  m.impl("ext_masked_l1_loss", &yoda::masked_l1_loss_autograd);
+}
+
 TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
+  m.impl("ext_masked_l1_loss", &masked_l1_loss_cpu);
   m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cpu);
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cpu);
+  m.impl("ext_masked_l1_fwd_grad", &yoda::masked_l1_fwd_grad_cpu);
   m.impl("ext_yoda_step", &yoda::yoda_step_cpu);
 }
 
 #ifdef YODA_WITH_CUDA
 TORCH_LIBRARY_IMPL(yoda_sparse, CUDA, m) {
+  m.impl("ext_masked_l1_loss", &masked_l1_loss_cuda);
   m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cuda);
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cuda);
   m.impl("ext_yoda_step", &yoda::yoda_step_cuda);

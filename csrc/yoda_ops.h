@@ -175,10 +175,17 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cpu(const at::Tensor& pred, con
                                                      const at::Tensor& mask, int64_t normalize);
 at::Tensor masked_l1_bwd_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                              const at::Tensor& mask, const at::Tensor& denom);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_l1_fwd_grad_cpu(const at::Tensor& pred,
+                                                                      const at::Tensor& target,
+                                                                      const at::Tensor& mask, int64_t normalize);
 at::Tensor yoda_step_cpu(const at::Tensor& z, const at::Tensor& eps, const std::optional<at::Tensor>& x_bar,
                          const at::Tensor& mask, const std::optional<at::Tensor>& noise,
                          const std::optional<at::Tensor>& lr_noise, int64_t seed, int64_t offset,
                          const at::Tensor& params, bool clip_x0);
+
+// ---- autograd of ext_masked_l1_loss (yoda_autograd.cpp; any device, through the dispatcher) --
+at::Tensor masked_l1_loss_autograd(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
+                                   int64_t normalize);
 
 // ---- CUDA (yoda_ops_cuda.cu; only when built with YODA_WITH_CUDA) ---------------------------
 std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, const at::Tensor& target,

@@ -165,6 +165,119 @@ def test_masked_l1_gradcheck(normalize):
     assert torch.autograd.gradcheck(fn, (pred, target))
 
 
+@pytest.mark.parametrize("normalize", ["all", "active", "sum"])
+def test_masked_l1_gradgradcheck(normalize):
+    """Double backward: the gradient is linear in the incoming grad, constant in pred and target."""
+    shape = (2, 3, 5, 7)
+    pred = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(shape, "bool")
+    fn = lambda p, t: ops.masked_l1_loss(p, t, mask, normalize, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (pred, target))
+    # the second derivative in grad_out, against the reference
+    g = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    (gp,) = torch.autograd.grad(fn(pred, target), pred, g, create_graph=True)
+    (gg,) = torch.autograd.grad((gp * target).sum(), g)
+    p64, t64 = pred.detach().requires_grad_(), target.detach()
+    (rp,) = torch.autograd.grad(reference.masked_l1_loss(p64, t64, mask, normalize), p64)
+    torch.testing.assert_close(gg, (rp * target.detach()).sum())
+
+
+@pytest.mark.parametrize("needs", ["pred", "target", "both", "none"])
+def test_masked_l1_grad_of_either_input(needs):
+    shape = (3, 2, 9, 11)
+    pred = image(shape, torch.float32, "sliced").requires_grad_(needs in ("pred", "both"))
+    target = image(shape, torch.float32, "transposed").requires_grad_(needs in ("target", "both"))
+    mask = make_mask(shape, "float")
+    loss = ops.masked_l1_loss(pred, target, mask, "active", backend="cpp")
+    p64 = pred.detach().double().requires_grad_()
+    t64 = target.detach().double().requires_grad_()
+    ref = reference.masked_l1_loss(p64, t64, mask.double(), "active")
+    assert_close(loss, ref, torch.float32)
+    if needs == "none":
+        assert not loss.requires_grad and loss.grad_fn is None
+        return
+    assert loss.grad_fn is not None
+    inputs = [x for x in (pred, target) if x.requires_grad]
+    grads = torch.autograd.grad(loss * 2.0, inputs)
+    rp, rt = torch.autograd.grad(ref * 2.0, (p64, t64))
+    want = [r for r, x in ((rp, pred), (rt, target)) if x.requires_grad]
+    for got, exp in zip(grads, want):
+        assert_close(got, exp, torch.float32)
+
+
+def test_masked_l1_inference_mode_and_no_grad():
+    """Below autograd (inference_mode) and under no_grad: the forward kernel's loss, no graph."""
+    shape = (2, 3, 8, 8)
+    pred = image(shape, torch.float32).requires_grad_()
+    target, mask = image(shape, torch.float32), make_mask(shape, "bool")
+    want = ops.masked_l1_loss(pred, target, mask, "active", backend="cpp").detach()
+    with torch.no_grad():
+        got = ops.masked_l1_loss(pred, target, mask, "active", backend="cpp")
+    assert torch.equal(got, want) and got.grad_fn is None
+    with torch.inference_mode():
+        got = ops.masked_l1_loss(pred, target, mask, "active", backend="cpp")
+    assert torch.equal(got, want)
+
+
+def test_masked_l1_backward_twice_and_inplace_check():
+    shape = (1, 3, 6, 6)
+    pred = image(shape, torch.float32).requires_grad_()
+    target, mask = image(shape, torch.float32), make_mask(shape, "bool")
+    loss = ops.masked_l1_loss(pred, target, mask, "all", backend="cpp")
+    loss.backward(retain_graph=True)
+    first = pred.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(pred.grad, 2 * first)
+    # the saved inputs are version-checked, as for any autograd formula
+    leaf = image(shape, torch.float32).requires_grad_()
+    x = leaf * 1.0
+    loss = ops.masked_l1_loss(x, target, mask, "all", backend="cpp")
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_masked_l1_fused_forward_is_the_two_kernels(dtype, layout, mask_kind):
+    """ext_masked_l1_fwd_grad (the CPU autograd's forward for "all" and "sum") = the forward kernel
+    and the backward kernel at grad 1, bit for bit and stride for stride."""
+    shape = (2, 3, 17, 70)
+    pred, target = image(shape, dtype, layout), image(shape, dtype, layout)
+    mask = make_mask(shape, mask_kind, dtype)
+    for normalize in (0, 2):
+        loss, denom, grad = torch.ops.yoda_sparse.ext_masked_l1_fwd_grad(pred, target, mask, normalize)
+        loss2, denom2 = torch.ops.yoda_sparse.ext_masked_l1_fwd(pred, target, mask, normalize)
+        grad2 = torch.ops.yoda_sparse.ext_masked_l1_bwd(torch.tensor(1.0, dtype=dtype), pred, target, mask, denom2)
+        assert torch.equal(loss, loss2) and torch.equal(denom, denom2)
+        assert torch.equal(grad, grad2) and grad.stride() == grad2.stride()
+    with pytest.raises(RuntimeError, match="normalize must be 0 .all. or 2 .sum."):
+        torch.ops.yoda_sparse.ext_masked_l1_fwd_grad(pred, target, mask, 1)
+
+
+@pytest.mark.parametrize("normalize", ["all", "sum", "active"])
+def test_masked_l1_backward_any_incoming_grad(normalize):
+    """loss.backward() (grad 1: the forward's gradient is handed over) and other incoming grads
+    (the backward kernel) agree with the kernels exactly; no copy of the handed-over gradient."""
+    shape = (2, 3, 16, 24)
+    pred = image(shape, torch.float32, "channels_last").requires_grad_()
+    target, mask = image(shape, torch.float32), make_mask(shape, "bool")
+    code = cpp_backend.NORMALIZE_CODES[normalize]
+    _, denom = torch.ops.yoda_sparse.ext_masked_l1_fwd(pred.detach(), target, mask, code)
+    for g in (1.0, 0.375, -2.0):
+        pred.grad = None
+        loss = ops.masked_l1_loss(pred, target, mask, normalize, backend="cpp")
+        seen = []
+        loss.grad_fn.register_hook(lambda grad_inputs, _: seen.append(grad_inputs[0].data_ptr()))
+        loss.backward(torch.tensor(g))
+        want = torch.ops.yoda_sparse.ext_masked_l1_bwd(torch.tensor(g), pred.detach(), target, mask, denom)
+        assert torch.equal(pred.grad, want)
+        assert pred.grad.is_contiguous(memory_format=torch.channels_last)
+        assert seen == [pred.grad.data_ptr()]  # AccumulateGrad kept our tensor: no copy
+
+
 def test_masked_l1_deterministic_across_thread_counts():
     shape = (4, 3, 64, 96)
     pred, target = torch.randn(shape), torch.randn(shape)
@@ -353,8 +466,14 @@ def _step_args(noise: bool, layout="contiguous", device="cpu"):
 @pytest.mark.parametrize(
     "op,args",
     [
+        ("ext_masked_l1_loss", lambda: (*_loss_args(), 0)),
+        ("ext_masked_l1_loss", lambda: (*_loss_args(layout="channels_last"), 1)),
+        ("ext_masked_l1_loss", lambda: (*_loss_args(layout="sliced"), 2)),
+        ("ext_masked_l1_loss", lambda: (*_loss_args(False), 1)),
         ("ext_masked_l1_fwd", lambda: (*_loss_args(), 1)),
         ("ext_masked_l1_fwd", lambda: (*_loss_args(layout="channels_last"), 0)),
+        ("ext_masked_l1_fwd_grad", lambda: (*_loss_args(False), 0)),
+        ("ext_masked_l1_fwd_grad", lambda: (*_loss_args(False, layout="sliced"), 2)),
         ("ext_masked_l1_bwd", lambda: (torch.tensor(0.5), *_loss_args(False), torch.tensor(7.0))),
         ("ext_yoda_step", lambda: _step_args(noise=True)),
         ("ext_yoda_step", lambda: _step_args(noise=False, layout="channels_last")),
@@ -409,6 +528,22 @@ def test_torch_compile_as_the_first_call_of_a_process():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_torch_compile_loss_both_grads():
+    """The C++ autograd of ext_masked_l1_loss traced by AOTAutograd: both gradients, dynamic shapes."""
+    def fn(pred, target, mask):
+        return ops.masked_l1_loss(pred, target, mask, "all", backend="cpp") * 3.0
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for shape in ((2, 3, 5, 7), (1, 3, 9, 4)):
+        pred = image(shape, torch.float32, "channels_last").requires_grad_()
+        target = image(shape, torch.float32).requires_grad_()
+        mask = make_mask(shape, "float")
+        got = torch.autograd.grad(compiled(pred, target, mask), (pred, target))
+        want = torch.autograd.grad(fn(pred, target, mask), (pred, target))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
 
 
 # ------------------------------------------------------------------------------ registry and errors
@@ -518,6 +653,8 @@ def test_cuda_noise_is_bit_identical_to_cpu(seed, offset, shape):
 @pytest.mark.parametrize(
     "op,args",
     [
+        ("ext_masked_l1_loss", lambda: (*_loss_args(device="cuda"), 1)),
+        ("ext_masked_l1_loss", lambda: (*_loss_args(layout="channels_last", device="cuda"), 0)),
         ("ext_masked_l1_fwd", lambda: (*_loss_args(device="cuda"), 1)),
         ("ext_masked_l1_bwd", lambda: (torch.tensor(0.5, device="cuda"), *_loss_args(False, device="cuda"),
                                        torch.tensor(7.0, device="cuda"))),

@@ -24,6 +24,7 @@ def test_cuda_kernels_were_compiled_where_nvcc_exists():
         pytest.skip(f"no CUDA toolchain: {reason}")
     import yoda_sparse._C  # noqa: F401  (registers the ops)
 
-    for op in ("yoda_sparse::ext_yoda_step", "yoda_sparse::ext_masked_l1_fwd", "yoda_sparse::ext_masked_l1_bwd"):
+    for op in ("yoda_sparse::ext_yoda_step", "yoda_sparse::ext_masked_l1_loss", "yoda_sparse::ext_masked_l1_fwd",
+               "yoda_sparse::ext_masked_l1_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), f"{op} has no CPU kernel"

@@ -1,5 +1,6 @@
 """The reference ops against independent float64 computations, and the registry."""
 import math
+import os
 
 import pytest
 import torch
@@ -171,3 +172,64 @@ def test_registry_error_lists_every_backend(monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, "other_op=fast")
     assert registry.dispatch(op, 3) == 6
     registry._REGISTRY.pop(op)
+
+
+def test_registry_selection_cache(monkeypatch):
+    """Selections are cached per signature when every consulted backend is cacheable; the
+    environment variables the backends name, YODA_SPARSE_BACKEND and re-registration all count."""
+    op = "test_cached_op"
+    calls = []
+
+    def fast_unsupported(x):
+        calls.append(x)
+        if os.environ.get("YODA_TEST_FAST") == "off":
+            return "switched off"
+        return None if x >= 0 else "negative input"
+
+    registry.register_signature(op, lambda x: (x >= 0,))
+    try:
+        registry.register_backend(op, "fast", lambda x: ("fast", x), priority=10, unsupported=fast_unsupported,
+                                  cacheable=True, env=("YODA_TEST_FAST",))
+        registry.register_backend(op, "reference", lambda x: ("reference", x), priority=0, cacheable=True)
+        monkeypatch.delenv("YODA_TEST_FAST", raising=False)
+        assert registry.dispatch(op, 1) == ("fast", 1)
+        assert registry.dispatch(op, 2) == ("fast", 2)
+        assert calls == [1]  # the second call hit the cache
+        assert registry.dispatch(op, -1) == ("reference", -1)
+        assert registry.dispatch(op, -2) == ("reference", -2)
+        assert calls == [1, -1]
+        monkeypatch.setenv("YODA_TEST_FAST", "off")  # a variable the backend reads: a new key
+        assert registry.dispatch(op, 3) == ("reference", 3)
+        with pytest.raises(registry.NoBackendError, match="switched off"):
+            registry.dispatch(op, 3, backend="fast")
+        monkeypatch.delenv("YODA_TEST_FAST")
+        assert registry.dispatch(op, 4, backend="fast") == ("fast", 4)
+        monkeypatch.setenv(registry.ENV_VAR, f"{op}=reference")
+        assert registry.dispatch(op, 5) == ("reference", 5)
+        monkeypatch.delenv(registry.ENV_VAR)
+        # a backend that is not cacheable in front: checked at every call
+        n = len(calls)
+        registry.register_backend(op, "plain", lambda x: ("plain", x), priority=20, unsupported=lambda x: "never")
+        assert registry.dispatch(op, 6) == ("fast", 6)
+        assert registry.dispatch(op, 7) == ("fast", 7)
+        assert calls[n:] == [6, 7]
+        # re-registration clears the cache: a replaced backend is used at once
+        registry._REGISTRY[op].pop("plain")
+        registry.register_backend(op, "fast", lambda x: ("fast2", x), priority=10, cacheable=True)
+        assert registry.dispatch(op, 8) == ("fast2", 8)
+    finally:
+        registry._REGISTRY.pop(op, None)
+        registry._SIGNATURES.pop(op, None)
+        registry._CACHE.clear()
+
+
+def test_public_loss_dispatch_is_cached_and_follows_the_env(monkeypatch):
+    z = torch.randn(1, 2, 3, 4)
+    m = torch.rand(1, 1, 3, 4) > 0.5
+    auto = ops.select("masked_l1_loss", z, z, m, "all")
+    assert ops.select("masked_l1_loss", z, z, m, "all") is auto
+    assert ops.select("masked_l1_loss", z.double(), z.double(), m, "all").name in {b.name for b in ops.backends("masked_l1_loss")}
+    monkeypatch.setenv(registry.ENV_VAR, "masked_l1_loss=reference")
+    assert ops.select("masked_l1_loss", z, z, m, "all").name == "reference"
+    monkeypatch.delenv(registry.ENV_VAR)
+    assert ops.select("masked_l1_loss", z, z, m, "all") is auto

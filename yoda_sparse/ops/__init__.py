@@ -55,8 +55,9 @@ def _check_mask(mask, ref: torch.Tensor, *, allow_float: bool) -> None:
         kinds = "bool or floating" if allow_float else "bool (eq. 9 masks are binary)"
         raise TypeError(f"mask must be {kinds}, got {mask.dtype}")
     B, _, H, W = ref.shape
-    if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (H, W):
-        raise ValueError(f"mask must have shape [B, 1, H, W] = {(B, 1, H, W)} (broadcast over channels), got {tuple(mask.shape)}")
+    shape = mask.shape  # read once: each .shape builds a new torch.Size (these checks run every call)
+    if len(shape) != 4 or shape[0] != B or shape[1] != 1 or shape[2] != H or shape[3] != W:
+        raise ValueError(f"mask must have shape [B, 1, H, W] = {(B, 1, H, W)} (broadcast over channels), got {tuple(shape)}")
     if mask.device != ref.device:
         raise ValueError(f"mask must be on the device of the images ({ref.device}), got {mask.device}")
 
@@ -196,7 +197,18 @@ def _reference_yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offs
     )
 
 
-register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priority=0)
+def _masked_l1_signature(pred, target, mask, normalize):
+    """What the checks of the masked_l1_loss backends look at (target is like pred, validated),
+    for the registry's selection cache: device, dtypes, normalize, and whether a dimension
+    exceeds the kernels' int32 limit.  None (no caching) while torch.compile traces: the
+    selection then runs once per compilation, and symbolic shapes are not cache keys."""
+    if torch.compiler.is_compiling():
+        return None
+    return pred.device, pred.dtype, mask.dtype, normalize, max(pred.shape) >= 2**31
+
+
+registry.register_signature("masked_l1_loss", _masked_l1_signature)
+register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priority=0, cacheable=True)
 register_backend("yoda_step", "reference", _reference_yoda_step, priority=0)
 
 from . import triton_backend  # noqa: E402,F401

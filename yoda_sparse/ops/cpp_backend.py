@@ -2,10 +2,21 @@
 
 Ops (schemas in ``csrc/bindings.cpp``):
 
-* ``yoda_sparse::ext_masked_l1_fwd(pred, target, mask, int normalize) -> (loss, denom)``;
-  normalize 0 = "all", 1 = "active", 2 = "sum".  Differentiable in pred and target through
+* ``yoda_sparse::ext_masked_l1_loss(pred, target, mask, int normalize) -> loss``, what the
+  backends call: normalize 0 = "all", 1 = "active", 2 = "sum".  Differentiable in pred and
+  target with its autograd in C++ (``csrc/yoda_autograd.cpp``): the forward runs
+  ``ext_masked_l1_fwd``, the backward ``ext_masked_l1_bwd``, with no Python autograd Function
+  in between (that one cost tens of microseconds per call, most of the time at small images).
+  Double backward works: the gradient is linear in the incoming grad and constant (zero
+  derivative) in pred and target.
+* ``yoda_sparse::ext_masked_l1_fwd(pred, target, mask, int normalize) -> (loss, denom)`` and
   ``ext_masked_l1_bwd(grad, pred, target, mask, denom) -> grad_pred`` (one pass over pred,
   target, mask); grad_target = -grad_pred is formed only when target requires grad.
+  ``ext_masked_l1_fwd`` is also differentiable on its own (a Python formula, registered below).
+* ``yoda_sparse::ext_masked_l1_fwd_grad(pred, target, mask, int normalize) -> (loss, denom,
+  grad_pred)``, CPU only, normalize "all" or "sum": the forward that also writes grad_pred for
+  an incoming grad of 1 in the same pass.  ``ext_masked_l1_loss``'s autograd uses it on plain
+  CPU tensors; ``loss.backward()`` then costs no second pass over memory.
 * ``yoda_sparse::ext_yoda_step(z, eps, x_bar?, mask, noise?, lr_noise?, SymInt seed,
   SymInt offset, Tensor params, bool clip_x0) -> z_prev`` with ``params`` a float64 CPU tensor
   of the step's scalars (:data:`PARAM_ORDER`; a tensor rather than ``float[]`` because under
@@ -18,8 +29,8 @@ CUDA tensors, both for float32/float16/bfloat16/float64.  Any strides are read i
 ``.contiguous()`` copies; views with unit innermost stride take the vectorised path, others
 are correct but slower); outputs are channels_last when the first image input is, else
 NCHW-contiguous.  The extension is loaded (or built just in time) on first use, see
-:mod:`yoda_sparse.ops.extension`; the fake kernels and the autograd formula are registered
-right after it loads.
+:mod:`yoda_sparse.ops.extension`; the fake kernels and the Python autograd formula of
+``ext_masked_l1_fwd`` are registered right after it loads.
 """
 from __future__ import annotations
 
@@ -60,6 +71,10 @@ def _register_python_side() -> None:
         if _python_side:
             return
 
+        @torch.library.register_fake("yoda_sparse::ext_masked_l1_loss")
+        def _l1_loss_fake(pred, target, mask, normalize):
+            return pred.new_empty(())
+
         @torch.library.register_fake("yoda_sparse::ext_masked_l1_fwd")
         def _l1_fwd_fake(pred, target, mask, normalize):
             return pred.new_empty(()), pred.new_empty((), dtype=_acc_dtype(pred.dtype))
@@ -67,6 +82,11 @@ def _register_python_side() -> None:
         @torch.library.register_fake("yoda_sparse::ext_masked_l1_bwd")
         def _l1_bwd_fake(grad, pred, target, mask, denom):
             return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device, memory_format=_output_format(pred))
+
+        @torch.library.register_fake("yoda_sparse::ext_masked_l1_fwd_grad")
+        def _l1_fwd_grad_fake(pred, target, mask, normalize):
+            grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device, memory_format=_output_format(pred))
+            return pred.new_empty(()), pred.new_empty((), dtype=_acc_dtype(pred.dtype)), grad
 
         @torch.library.register_fake("yoda_sparse::ext_yoda_step")
         def _step_fake(z, eps, x_bar, mask, noise, lr_noise, seed, offset, params, clip_x0):
@@ -146,9 +166,11 @@ def _unsupported_step(device_type: str):
 
 
 def masked_l1_loss(pred, target, mask, normalize):
-    """Backend fn of ``masked_l1_loss`` (validated args): a 0-d tensor of pred's dtype."""
-    loss, _denom = torch.ops.yoda_sparse.ext_masked_l1_fwd(pred, target, mask, NORMALIZE_CODES[normalize])
-    return loss
+    """Backend fn of ``masked_l1_loss`` (validated args): a 0-d tensor of pred's dtype.
+
+    ``ext_masked_l1_loss`` has its autograd in C++ (csrc/yoda_autograd.cpp): forward and
+    backward each run one kernel, without a Python autograd Function in between."""
+    return torch.ops.yoda_sparse.ext_masked_l1_loss.default(pred, target, mask, NORMALIZE_CODES[normalize])
 
 
 def yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, clip_range):
@@ -159,10 +181,11 @@ def yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs,
     )
 
 
+# cacheable: the loss checks look only at what ops._masked_l1_signature holds
 register_backend("masked_l1_loss", "cpp", masked_l1_loss, priority=20,
-                 unsupported=_unsupported_loss("cpu"), available=_available_cpu)
+                 unsupported=_unsupported_loss("cpu"), available=_available_cpu, cacheable=True)
 register_backend("masked_l1_loss", "cuda_ext", masked_l1_loss, priority=40,
-                 unsupported=_unsupported_loss("cuda"), available=_available_cuda)
+                 unsupported=_unsupported_loss("cuda"), available=_available_cuda, cacheable=True)
 register_backend("yoda_step", "cpp", yoda_step, priority=20,
                  unsupported=_unsupported_step("cpu"), available=_available_cpu)
 register_backend("yoda_step", "cuda_ext", yoda_step, priority=40,

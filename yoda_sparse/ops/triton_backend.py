@@ -195,7 +195,10 @@ def _interpreter_forced_only(x: torch.Tensor, *_args, **_kwargs) -> Optional[str
     return None
 
 
+# cacheable: the loss checks look at the signature's device and dtypes, TRITON_INTERPRET and
+# whether the kernels were created interpreted (fixed at import)
 register_backend("masked_l1_loss", "triton", _masked_l1_loss, priority=30, unsupported=_masked_l1_unsupported,
-                 available=_available, forced_only=_interpreter_forced_only)
+                 available=_available, forced_only=_interpreter_forced_only, cacheable=True,
+                 env=("TRITON_INTERPRET",))
 register_backend("yoda_step", "triton", _yoda_step, priority=30, unsupported=_yoda_step_unsupported,
                  available=_available, forced_only=_interpreter_forced_only)
