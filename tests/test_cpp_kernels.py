@@ -664,3 +664,12 @@ def test_cuda_noise_is_bit_identical_to_cpu(seed, offset, shape):
 )
 def test_opcheck_cuda(op, args):
     torch.library.opcheck(getattr(torch.ops.yoda_sparse, op).default, args())
+
+
+def test_step_params_are_cached_by_value():
+    coeffs = ops.step_coefficients(SCHEDULE, 40)
+    a = cpp_backend._step_params(coeffs, (-1.0, 1.0))
+    assert a is cpp_backend._step_params(dict(coeffs), (-1.0, 1.0))  # equal values: the same tensor
+    want = [coeffs[k] for k in cpp_backend.COEFF_ORDER] + [-1.0, 1.0]
+    assert a.dtype == torch.float64 and a.tolist() == want
+    assert cpp_backend._step_params(coeffs, (-0.5, 1.0)).tolist() == want[:-2] + [-0.5, 1.0]

@@ -233,3 +233,34 @@ def test_public_loss_dispatch_is_cached_and_follows_the_env(monkeypatch):
     assert ops.select("masked_l1_loss", z, z, m, "all").name == "reference"
     monkeypatch.delenv(registry.ENV_VAR)
     assert ops.select("masked_l1_loss", z, z, m, "all") is auto
+
+
+def test_public_step_dispatch_is_cached_per_noise_mode_and_follows_the_env(monkeypatch):
+    z = torch.randn(1, 2, 3, 4)
+    m = torch.rand(1, 1, 3, 4) > 0.5
+    coeffs = ops.step_coefficients(NoiseSchedule.linear(10), 5)
+    with_noise = (z, z, z, m, z, None, None, 0, coeffs, False, (-1.0, 1.0))
+    seeded = (z, z, z, m, None, None, 7, 0, coeffs, False, (-1.0, 1.0))
+    auto = ops.select("yoda_step", *with_noise)
+    assert ops.select("yoda_step", *with_noise) is auto
+    assert ops.select("yoda_step", *seeded).why_not(*seeded) is None  # its own key, checked afresh
+    monkeypatch.setenv(registry.ENV_VAR, "yoda_step=reference")
+    assert ops.select("yoda_step", *with_noise).name == "reference"
+    monkeypatch.delenv(registry.ENV_VAR)
+    assert ops.select("yoda_step", *with_noise) is auto
+    # an offset that overflows the 64-bit noise counters is part of the key: the backends that
+    # refuse it are not picked from an earlier selection
+    huge = (z, z, z, m, None, None, 7, 2**63 - 2, coeffs, False, (-1.0, 1.0))
+    chosen = ops.select("yoda_step", *huge)
+    assert chosen.why_not(*huge) is None
+
+
+def test_schedule_coefficients_are_the_tensor_values():
+    s = NoiseSchedule.linear(500).respace(200)
+    for t in (1, 2, 77, 200):
+        c = s.coefficients(t)
+        i = t - 1
+        assert c.posterior_mean_coef1 == float(s.posterior_mean_coef1[i])
+        assert c.sqrt_recipm1_alphas_cumprod == float(s.sqrt_recipm1_alphas_cumprod[i])
+        assert c.noise_level == float(s.sqrt_alphas_cumprod[i])
+        assert c.beta == float(s.betas[i]) and c.alphas_cumprod_prev == float(s.alphas_cumprod_prev[i])

@@ -64,7 +64,8 @@ class NoiseSchedule:
 
     Build with :meth:`linear` (SR3), :meth:`cosine` (SRDiff) or from explicit ``betas``.
 
-    Attributes (float64 CPU tensors of length T, index ``t - 1``):
+    Attributes (float64 CPU tensors of length T, index ``t - 1``; read-only: per-step scalars
+    are cached from them):
         betas: per-step noise variance beta_t (the paper's alpha_t in eq. 1-3).
         alphas: 1 - beta_t (SR3's alpha_t, the paper's eq. 6-7).
         alphas_cumprod: gamma_t = prod_{i<=t} alphas_i (DDPM's alpha-bar).
@@ -155,22 +156,30 @@ class NoiseSchedule:
             raise ValueError(f"{name} must be in [1, {self.num_steps}] for this schedule, got {t}")
         return t
 
+    _COEFFICIENT_FIELDS = (
+        ("alphas_cumprod", "alphas_cumprod"), ("alphas_cumprod_prev", "alphas_cumprod_prev"), ("beta", "betas"),
+        ("sqrt_recip_alphas_cumprod", "sqrt_recip_alphas_cumprod"),
+        ("sqrt_recipm1_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"),
+        ("posterior_mean_coef1", "posterior_mean_coef1"), ("posterior_mean_coef2", "posterior_mean_coef2"),
+        ("posterior_variance", "posterior_variance"), ("noise_level", "sqrt_alphas_cumprod"),
+    )
+
     def coefficients(self, t: int) -> StepCoefficients:
         """The scalars of reverse step t -> t-1 (t in 1..T of *this* schedule)."""
         t = self.check_t(t)
+        # Every sampling step asks for these: read them from Python lists made once (ten
+        # float(tensor[i]) cost ~10 us, as much as a small image's step kernel). The schedule's
+        # tensors are treated as read-only, as everywhere else.
+        # Under torch.compile the tensors are indexed as before (dynamo traces that, not tolist()).
         i = t - 1
-        return StepCoefficients(
-            t=t,
-            alphas_cumprod=float(self.alphas_cumprod[i]),
-            alphas_cumprod_prev=float(self.alphas_cumprod_prev[i]),
-            beta=float(self.betas[i]),
-            sqrt_recip_alphas_cumprod=float(self.sqrt_recip_alphas_cumprod[i]),
-            sqrt_recipm1_alphas_cumprod=float(self.sqrt_recipm1_alphas_cumprod[i]),
-            posterior_mean_coef1=float(self.posterior_mean_coef1[i]),
-            posterior_mean_coef2=float(self.posterior_mean_coef2[i]),
-            posterior_variance=float(self.posterior_variance[i]),
-            noise_level=float(self.sqrt_alphas_cumprod[i]),
-        )
+        if torch.compiler.is_compiling():
+            return StepCoefficients(t=t, **{f: float(getattr(self, a)[i]) for f, a in self._COEFFICIENT_FIELDS})
+        columns = self.__dict__.get("_coefficient_columns")
+        if columns is None:
+            columns = self._coefficient_columns = {
+                field: getattr(self, attr).tolist() for field, attr in self._COEFFICIENT_FIELDS
+            }
+        return StepCoefficients(t=t, **{field: column[i] for field, column in columns.items()})
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward diffusion, paper eq. 3: z_t = sqrt(gamma_t) x0 + sqrt(1 - gamma_t) eps.

@@ -207,9 +207,21 @@ def _masked_l1_signature(pred, target, mask, normalize):
     return pred.device, pred.dtype, mask.dtype, normalize, max(pred.shape) >= 2**31
 
 
+def _yoda_step_signature(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, clip_range):
+    """What the checks of the yoda_step backends look at, for the selection cache: device,
+    dtypes, whether noise comes in or is generated (and then whether offset + numel passes
+    the 64-bit counters), and the int32 dimension limit. None while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return None
+    generated = noise is None
+    return (z_t.device, z_t.dtype, mask.dtype, generated, seed is None,
+            generated and offset + z_t.numel() > 2**63 - 1, max(z_t.shape) >= 2**31)
+
+
 registry.register_signature("masked_l1_loss", _masked_l1_signature)
+registry.register_signature("yoda_step", _yoda_step_signature)
 register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priority=0, cacheable=True)
-register_backend("yoda_step", "reference", _reference_yoda_step, priority=0)
+register_backend("yoda_step", "reference", _reference_yoda_step, priority=0, cacheable=True)
 
 from . import triton_backend  # noqa: E402,F401
 from . import cpp_backend  # noqa: E402,F401

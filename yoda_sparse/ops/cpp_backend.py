@@ -173,9 +173,29 @@ def masked_l1_loss(pred, target, mask, normalize):
     return torch.ops.yoda_sparse.ext_masked_l1_loss.default(pred, target, mask, NORMALIZE_CODES[normalize])
 
 
+_PARAMS_CACHE: dict[tuple, torch.Tensor] = {}
+_PARAMS_CACHE_LIMIT = 4096  # a sampler uses one entry per step; reset rather than grow
+
+
+def _step_params(coeffs: dict, clip_range) -> torch.Tensor:
+    """The float64 CPU params tensor of ``ext_yoda_step`` (read-only for the kernels). A run
+    repeats the same steps, so the tensors are cached by value (building one costs a few
+    microseconds, as much as a small step's kernel); not while torch.compile traces, where the
+    scalars may be symbolic."""
+    values = tuple(coeffs[k] for k in COEFF_ORDER) + tuple(clip_range)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float64)
+    params = _PARAMS_CACHE.get(values)
+    if params is None:
+        if len(_PARAMS_CACHE) >= _PARAMS_CACHE_LIMIT:
+            _PARAMS_CACHE.clear()
+        params = _PARAMS_CACHE[values] = torch.tensor(values, dtype=torch.float64)
+    return params
+
+
 def yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, clip_range):
     """Backend fn of ``yoda_step`` (validated args): z_{t-1} like z_t."""
-    params = torch.tensor([coeffs[k] for k in COEFF_ORDER] + list(clip_range), dtype=torch.float64)
+    params = _step_params(coeffs, clip_range)
     return torch.ops.yoda_sparse.ext_yoda_step(
         z_t, eps_pred, x_bar, mask, noise, lr_noise, 0 if seed is None else seed, offset, params, bool(clip_x0)
     )
@@ -186,7 +206,8 @@ register_backend("masked_l1_loss", "cpp", masked_l1_loss, priority=20,
                  unsupported=_unsupported_loss("cpu"), available=_available_cpu, cacheable=True)
 register_backend("masked_l1_loss", "cuda_ext", masked_l1_loss, priority=40,
                  unsupported=_unsupported_loss("cuda"), available=_available_cuda, cacheable=True)
+# cacheable: the step checks look only at what ops._yoda_step_signature holds
 register_backend("yoda_step", "cpp", yoda_step, priority=20,
-                 unsupported=_unsupported_step("cpu"), available=_available_cpu)
+                 unsupported=_unsupported_step("cpu"), available=_available_cpu, cacheable=True)
 register_backend("yoda_step", "cuda_ext", yoda_step, priority=40,
-                 unsupported=_unsupported_step("cuda"), available=_available_cuda)
+                 unsupported=_unsupported_step("cuda"), available=_available_cuda, cacheable=True)

@@ -201,4 +201,5 @@ register_backend("masked_l1_loss", "triton", _masked_l1_loss, priority=30, unsup
                  available=_available, forced_only=_interpreter_forced_only, cacheable=True,
                  env=("TRITON_INTERPRET",))
 register_backend("yoda_step", "triton", _yoda_step, priority=30, unsupported=_yoda_step_unsupported,
-                 available=_available, forced_only=_interpreter_forced_only)
+                 available=_available, forced_only=_interpreter_forced_only, cacheable=True,
+                 env=("TRITON_INTERPRET",))
