@@ -14,6 +14,7 @@ import torch
 from . import reference, registry
 from .reference import LR_BRANCHES, NORMALIZATIONS, VARIANCES
 from .registry import NoBackendError, backends, describe, dispatch, register_backend, select
+from ..schedule import NoiseSchedule
 
 __all__ = [
     "masked_l1_loss",
@@ -105,6 +106,20 @@ def step_coefficients(schedule, t: int, *, lr_branch: str = "forward", variance:
     )
 
 
+def _step_coefficients_of_run(schedule, t: int, lr_branch: str, variance: str) -> dict:
+    """step_coefficients, kept on a NoiseSchedule per (t, lr_branch, variance): a sampler asks
+    for the same steps run after run, and on small images the few microseconds of building
+    them are a real share of a step. The dict goes to the backends only, which just read it."""
+    if not isinstance(schedule, NoiseSchedule) or torch.compiler.is_compiling():
+        return step_coefficients(schedule, t, lr_branch=lr_branch, variance=variance)
+    cache = schedule.__dict__.setdefault("_step_coefficients_cache", {})
+    key = (t, lr_branch, variance)
+    coeffs = cache.get(key)
+    if coeffs is None:
+        coeffs = cache[key] = step_coefficients(schedule, t, lr_branch=lr_branch, variance=variance)
+    return coeffs
+
+
 def yoda_step(
     z_t: torch.Tensor,
     eps_pred: torch.Tensor,
@@ -160,7 +175,7 @@ def yoda_step(
     if not hasattr(schedule, "coefficients"):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     t = schedule.check_t(t)
-    coeffs = step_coefficients(schedule, t, lr_branch=lr_branch, variance=variance)
+    coeffs = _step_coefficients_of_run(schedule, t, lr_branch, variance)
     lo, hi = (float(v) for v in clip_range)
     if not lo < hi:
         raise ValueError(f"clip_range must be (low, high) with low < high, got {clip_range!r}")
