@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace yoda {
 namespace {
@@ -98,6 +99,25 @@ int grid_for(int64_t work_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 8)));
 }
 
+// Sums each thread's (s, n) over the block in a fixed shared-memory tree (deterministic: the same
+// order every run); the totals are valid in thread 0.
+__device__ __forceinline__ void block_sum2(double& s, double& n) {
+  __shared__ double sh_s[kThreads];
+  __shared__ double sh_n[kThreads];
+  sh_s[threadIdx.x] = s;
+  sh_n[threadIdx.x] = n;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
+      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  s = sh_s[0];
+  n = sh_n[0];
+}
+
 // ------------------------------------------------------------------------------- masked L1
 template <typename scalar_t, typename mask_t>
 __global__ void __launch_bounds__(kThreads)
@@ -120,21 +140,11 @@ __global__ void __launch_bounds__(kThreads)
       advance(pos, d);
     }
   }
-  __shared__ double sh_s[kThreads];
-  __shared__ double sh_n[kThreads];
-  sh_s[threadIdx.x] = static_cast<double>(s);
-  sh_n[threadIdx.x] = static_cast<double>(n);
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
-      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  double bs = static_cast<double>(s), bn = static_cast<double>(n);
+  block_sum2(bs, bn);
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = sh_s[0];
-    partials[2 * blockIdx.x + 1] = sh_n[0];
+    partials[2 * blockIdx.x] = bs;
+    partials[2 * blockIdx.x + 1] = bn;
   }
 }
 
@@ -143,30 +153,19 @@ __global__ void __launch_bounds__(kThreads)
     l1_finish_kernel(const double* __restrict__ partials, int nblocks, int64_t normalize, double numel,
                      scalar_t* __restrict__ loss, at::opmath_type<scalar_t>* __restrict__ denom_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ double sh_s[kThreads];
-  __shared__ double sh_n[kThreads];
   double s = 0.0, n = 0.0;
   for (int j = threadIdx.x; j < nblocks; j += kThreads) {
     s += partials[2 * j];
     n += partials[2 * j + 1];
   }
-  sh_s[threadIdx.x] = s;
-  sh_n[threadIdx.x] = n;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
-      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  block_sum2(s, n);
   if (threadIdx.x == 0) {
     double denom = 1.0;
     if (normalize == kNormAll) denom = numel;
-    if (normalize == kNormActive) denom = sh_n[0] > 1.0 ? sh_n[0] : 1.0;  // sh_n = C * sum(mask)
+    if (normalize == kNormActive) denom = n > 1.0 ? n : 1.0;  // n = C * sum(mask)
     const acc_t dv = static_cast<acc_t>(denom);
     *denom_out = dv;
-    *loss = static_cast<scalar_t>(static_cast<acc_t>(sh_s[0]) / dv);
+    *loss = static_cast<scalar_t>(static_cast<acc_t>(s) / dv);
   }
 }
 
@@ -197,17 +196,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------- YODA step
+// What both step kernels read: the operands (noise pointers null for in-kernel noise), the
+// step's coefficients and the Philox seed.
 template <typename scalar_t>
-struct StepParams {
-  using acc_t = at::opmath_type<scalar_t>;
+struct StepOperands {
   const scalar_t *z, *eps, *x_bar, *noise, *lr_noise;  // x_bar may be null (means 0)
   const bool* mask;
   scalar_t* out;
+  StepCoeffs<at::opmath_type<scalar_t>> k;
+  uint64_t seed;
+};
+
+template <typename scalar_t>
+struct StepParams : StepOperands<scalar_t> {
   Strides4 sz, se, sx, sn, sl, sm, so;
   Dims d;
-  StepCoeffs<acc_t> k;
-  uint64_t seed, blk0;  // first Philox block: offset / 4
-  int64_t skip;         // offset % 4 for in-kernel noise, else 0
+  uint64_t blk0;  // first Philox block: offset / 4
+  int64_t skip;   // offset % 4 for in-kernel noise, else 0
   int64_t nquads;
 };
 
@@ -327,22 +332,12 @@ __global__ void __launch_bounds__(kThreads)
       n += mm;
     }
   }
-  __shared__ double sh_s[kThreads];
-  __shared__ double sh_n[kThreads];
-  sh_s[threadIdx.x] = static_cast<double>(s);
-  sh_n[threadIdx.x] = static_cast<double>(n);
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      sh_s[threadIdx.x] += sh_s[threadIdx.x + stride];
-      sh_n[threadIdx.x] += sh_n[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  double bs = static_cast<double>(s), bn = static_cast<double>(n);
+  block_sum2(bs, bn);
   if (threadIdx.x == 0) {
     const int64_t blk = plane * gridDim.x + blockIdx.x;
-    partials[2 * blk] = sh_s[0];
-    partials[2 * blk + 1] = sh_n[0];
+    partials[2 * blk] = bs;
+    partials[2 * blk + 1] = bn;
   }
 }
 
@@ -373,13 +368,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t>
-struct PlanarStepParams {
-  const scalar_t *z, *eps, *x_bar, *noise, *lr_noise;  // x_bar may be null (means 0)
-  const bool* mask;
-  scalar_t* out;
+struct PlanarStepParams : StepOperands<scalar_t> {
   Planar g;
-  StepCoeffs<at::opmath_type<scalar_t>> k;
-  uint64_t seed, offset;
+  uint64_t offset;
 };
 
 template <typename scalar_t, bool kGenNoise>
@@ -564,21 +555,25 @@ at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std:
   const at::Tensor lnz = gen_noise ? at::Tensor() : ((lr_noise.has_value() && lr_noise->defined()) ? *lr_noise : nz);
   auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor* xb = has_x_bar ? &*x_bar : nullptr;
+  // fills what both kernels read (called inside the dtype dispatch)
+  auto set_operands = [&](auto& p) {
+    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(p.out)>>;
+    p.z = z.const_data_ptr<scalar_t>();
+    p.eps = eps.const_data_ptr<scalar_t>();
+    p.x_bar = has_x_bar ? x_bar->const_data_ptr<scalar_t>() : nullptr;
+    p.noise = gen_noise ? nullptr : nz.const_data_ptr<scalar_t>();
+    p.lr_noise = gen_noise ? nullptr : lnz.const_data_ptr<scalar_t>();
+    p.mask = mask.const_data_ptr<bool>();
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.k = step_coeffs<at::opmath_type<scalar_t>>(sc, clip_x0);
+    p.seed = static_cast<uint64_t>(seed);
+  };
   if (planar_ok({&z, &eps, &out, xb, &nz, &lnz}, mask)) {
     const dim3 grid = planar_grid(d.B * d.C, d.H * d.W);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cuda_planar", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
       PlanarStepParams<scalar_t> p;
-      p.z = z.const_data_ptr<scalar_t>();
-      p.eps = eps.const_data_ptr<scalar_t>();
-      p.x_bar = has_x_bar ? x_bar->const_data_ptr<scalar_t>() : nullptr;
-      p.noise = gen_noise ? nullptr : nz.const_data_ptr<scalar_t>();
-      p.lr_noise = gen_noise ? nullptr : lnz.const_data_ptr<scalar_t>();
-      p.mask = mask.const_data_ptr<bool>();
-      p.out = out.mutable_data_ptr<scalar_t>();
+      set_operands(p);
       p.g = Planar{d.C, d.H * d.W, mask.stride(0)};
-      p.k = step_coeffs<acc_t>(sc, clip_x0);
-      p.seed = static_cast<uint64_t>(seed);
       p.offset = static_cast<uint64_t>(offset);
       if (gen_noise) {
         yoda_step_planar_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(p);
@@ -590,15 +585,8 @@ at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std:
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     StepParams<scalar_t> p;
-    p.z = z.const_data_ptr<scalar_t>();
-    p.eps = eps.const_data_ptr<scalar_t>();
-    p.x_bar = has_x_bar ? x_bar->const_data_ptr<scalar_t>() : nullptr;
-    p.noise = gen_noise ? nullptr : nz.const_data_ptr<scalar_t>();
-    p.lr_noise = gen_noise ? nullptr : lnz.const_data_ptr<scalar_t>();
-    p.mask = mask.const_data_ptr<bool>();
-    p.out = out.mutable_data_ptr<scalar_t>();
+    set_operands(p);
     p.sz = strides_of(z);
     p.se = strides_of(eps);
     p.sx = has_x_bar ? strides_of(*x_bar) : p.sz;
@@ -607,8 +595,6 @@ at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std:
     p.sm = strides_of(mask);
     p.so = strides_of(out);
     p.d = d;
-    p.k = step_coeffs<acc_t>(sc, clip_x0);
-    p.seed = static_cast<uint64_t>(seed);
     p.blk0 = gen_noise ? static_cast<uint64_t>(offset) >> 2 : 0;
     p.skip = gen_noise ? static_cast<int64_t>(static_cast<uint64_t>(offset) & 3u) : 0;
     p.nquads = (d.N + p.skip + 3) / 4;
