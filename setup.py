@@ -20,7 +20,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-packages = find_packages(include=["yoda_sparse", "yoda_sparse.*"]) + ["yoda_sparse.kernels"]
+# csrc/ also ships inside the package (yoda_sparse/_csrc, sources only): an install whose prebuilt
+# extension is missing or does not load (another torch, no compiler at build time) can still
+# build it just in time on first use.
+packages = find_packages(include=["yoda_sparse", "yoda_sparse.*"]) + ["yoda_sparse.kernels", "yoda_sparse._csrc"]
 
 
 REQUIRE_EXT = os.environ.get("YODA_SPARSE_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes")
@@ -105,8 +108,8 @@ def extension_kwargs() -> dict:
 
 setup(
     packages=packages,
-    package_dir={"yoda_sparse.kernels": "kernels"},
-    package_data={"yoda_sparse": ["data/*", "checkpoints/*"]},
+    package_dir={"yoda_sparse.kernels": "kernels", "yoda_sparse._csrc": "csrc"},
+    package_data={"yoda_sparse": ["data/*", "checkpoints/*"], "yoda_sparse._csrc": ["*.cpp", "*.cu", "*.h"]},
     include_package_data=True,
     **extension_kwargs(),
 )

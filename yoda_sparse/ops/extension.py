@@ -38,10 +38,20 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def csrc_dir() -> Path | None:
-    """The C++ sources of a source checkout (editable installs), or None."""
+def checkout_csrc_dir() -> Path | None:
+    """csrc/ of a source checkout (editable installs), or None."""
     d = Path(__file__).resolve().parents[2] / "csrc"
     return d if (d / "bindings.cpp").is_file() else None
+
+
+def csrc_dir() -> Path | None:
+    """The C++ sources to build from: a source checkout's csrc/, else the copy that installs
+    ship as yoda_sparse/_csrc (setup.py), else None."""
+    d = checkout_csrc_dir()
+    if d is not None:
+        return d
+    shipped = Path(__file__).resolve().parents[1] / "_csrc"
+    return shipped if (shipped / "bindings.cpp").is_file() else None
 
 
 def nvidia_include_dirs() -> list[str]:
@@ -89,7 +99,7 @@ def _jit_build() -> str | None:
 
     src = csrc_dir()
     if src is None:
-        return "the C++ sources (csrc/) are not part of this installation"
+        return "the C++ sources (csrc/, shipped as yoda_sparse/_csrc) are not part of this installation"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r}) on PATH"
@@ -119,7 +129,7 @@ def _jit_build() -> str | None:
 def _stale_prebuilt() -> str | None:
     """In a source checkout, a prebuilt module older than csrc/ would run old kernels: say so."""
     spec = importlib.util.find_spec("yoda_sparse._C")
-    src = csrc_dir()
+    src = checkout_csrc_dir()  # an install's shipped copy is as old as its build: never stale
     if spec is None or spec.origin is None or src is None:
         return None
     built = Path(spec.origin).stat().st_mtime
