@@ -170,7 +170,7 @@ inline void check_step_inputs(const at::Tensor& z, const at::Tensor& eps, const 
   for (int k = 0; k < kNumParams; ++k) scalars.v[k] = pv[k];
 }
 
-// ---- CPU (yoda_ops_cpu.cpp) ----------------------------------------------------------------
+// ---- CPU (masked_l1_cpu.cpp, yoda_step_cpu.cpp) --------------------------------------------
 std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cpu(const at::Tensor& pred, const at::Tensor& target,
                                                      const at::Tensor& mask, int64_t normalize);
 at::Tensor masked_l1_bwd_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,

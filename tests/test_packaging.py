@@ -23,7 +23,7 @@ def test_wheel_ships_kernels_and_csrc(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("yoda_sparse-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for src in extension.SOURCES_CPU + extension.SOURCES_CUDA + ["yoda_ops.h", "philox.h"]:
+    for src in extension.SOURCES_CPU + extension.SOURCES_CUDA + ["yoda_ops.h", "philox.h", "cpu_rows.h", "noise_cpu.h"]:
         assert f"yoda_sparse/_csrc/{src}" in names, f"{src} is not shipped"
     assert "yoda_sparse/kernels/yoda_step.py" in names and "yoda_sparse/kernels/masked_l1.py" in names
 
