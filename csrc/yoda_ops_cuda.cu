@@ -8,7 +8,7 @@
 // position of the first element of a quad is decomposed once (32-bit division when the
 // numbers fit), the other three advance incrementally.
 //
-// NCHW-contiguous operands take the planar fast path (below): kVec-wide loads per (b, c) plane.
+// NCHW-contiguous operands take the planar fast path (below): 16-byte loads per (b, c) plane.
 //
 // The loss forward is deterministic: fixed per-thread order, fixed shared-memory tree per
 // block, per-block partials in float64, one finishing block that sums them in a fixed order.
@@ -260,48 +260,69 @@ __global__ void __launch_bounds__(kThreads) yoda_step_kernel(const StepParams<sc
 
 // ------------------------------------------------------------------------------- planar fast path
 // The common case: every image operand NCHW-contiguous, the mask's pixels contiguous, H*W a
-// multiple of 4 and every base pointer aligned to a run of 4 elements. Then blockIdx.y is a
-// (b, c) plane, each thread takes runs of kVec pixels of that plane, and every operand is read
-// with one kVec-wide load: no per-element index decomposition and no 64-bit stride
-// arithmetic, which is what keeps the generic path above far from the memory bandwidth.
-constexpr int kVec = 4;
-
-template <typename T>
-struct alignas(sizeof(T) * kVec) Run {
-  T v[kVec];
+// multiple of the run length V and every base pointer aligned to a run. Then blockIdx.y is a
+// (b, c) plane, each thread takes runs of V pixels of that plane, and every operand is read
+// with one V-wide load: no per-element index decomposition and no 64-bit stride arithmetic,
+// which is what keeps the generic path above far from the memory bandwidth. V is chosen so an
+// image load is 16 bytes where it can be (4 for float32, 8 for float16/bfloat16; 4 for float64).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Run {
+  T v[V];
 };
 
-template <typename T>
-__device__ __forceinline__ Run<T> load_run(const T* p) {
-  return *reinterpret_cast<const Run<T>*>(p);
+template <int V, typename T>
+__device__ __forceinline__ Run<T, V> load_run(const T* p) {
+  return *reinterpret_cast<const Run<T, V>*>(p);
 }
 
-template <typename T>
-__device__ __forceinline__ void store_run(T* p, const Run<T>& r) {
-  *reinterpret_cast<Run<T>*>(p) = r;
+template <int V, typename T>
+__device__ __forceinline__ void store_run(T* p, const Run<T, V>& r) {
+  *reinterpret_cast<Run<T, V>*>(p) = r;
 }
 
-bool aligned_run(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (t.element_size() * kVec) == 0;
+bool aligned_run(const at::Tensor& t, int V) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (t.element_size() * V) == 0;
 }
 
-// Image operands NCHW-contiguous and run-aligned; mask [B,1,H,W] with contiguous pixels and a
-// run-aligned start of every batch row; H*W % kVec == 0; the planes fit grid.y.
-bool planar_ok(std::initializer_list<const at::Tensor*> images, const at::Tensor& mask) {
+// The run length of the planar path for these operands, or 0 where it does not apply. Needs:
+// image operands NCHW-contiguous and run-aligned; mask [B,1,H,W] with contiguous pixels and a
+// run-aligned start of every batch row; H*W % V == 0; the planes fit grid.y.
+int planar_vec(std::initializer_list<const at::Tensor*> images, const at::Tensor& mask) {
   const at::Tensor& first = **images.begin();
   const int64_t H = first.size(2), W = first.size(3);
-  if ((H * W) % kVec != 0 || first.size(0) * first.size(1) > 65535) return false;
-  for (const at::Tensor* t : images) {
-    if (t != nullptr && t->defined() && !(t->is_contiguous() && aligned_run(*t))) return false;
-  }
+  if (first.size(0) * first.size(1) > 65535) return 0;
   const bool pixels_contiguous = (W == 1 || mask.stride(3) == 1) && (H == 1 || mask.stride(2) == W);
-  return pixels_contiguous && aligned_run(mask) && mask.stride(0) % kVec == 0;
+  if (!pixels_contiguous) return 0;
+  for (const at::Tensor* t : images) {
+    if (t != nullptr && t->defined() && !t->is_contiguous()) return 0;
+  }
+  const int widest = first.element_size() <= 2 ? 8 : 4;
+  for (int V = widest; V >= 4; V /= 2) {
+    bool ok = (H * W) % V == 0 && aligned_run(mask, V) && mask.stride(0) % V == 0;
+    for (const at::Tensor* t : images) ok = ok && (t == nullptr || !t->defined() || aligned_run(*t, V));
+    if (ok) return V;
+  }
+  return 0;
+}
+
+// Calls f(std::integral_constant<int, V>{}) for the run length chosen by planar_vec (8 is only
+// chosen, and so only compiled, for 16-bit types).
+template <typename scalar_t, typename F>
+void with_run_length(int V, F&& f) {
+  if constexpr (sizeof(scalar_t) <= 2) {
+    if (V == 8) {
+      f(std::integral_constant<int, 8>{});
+      return;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(V == 4, "planar run length must be 4 here, got ", V);
+  f(std::integral_constant<int, 4>{});
 }
 
 // Blocks per plane: one run per thread, or fewer (a grid-stride loop) when the whole grid would
 // pass max_blocks (the loss forward keeps its partial sums few; elementwise kernels pass no cap).
-dim3 planar_grid(int64_t planes, int64_t HW, int64_t max_blocks = std::numeric_limits<int64_t>::max()) {
-  const int64_t runs = HW / kVec;
+dim3 planar_grid(int64_t planes, int64_t HW, int V, int64_t max_blocks = std::numeric_limits<int64_t>::max()) {
+  const int64_t runs = HW / V;
   const int64_t want = (runs + kThreads - 1) / kThreads;
   const int64_t cap = max_blocks / planes + (max_blocks % planes != 0);  // ceil, without overflow
   const int64_t per_plane = std::max<int64_t>(1, std::min<int64_t>(want, cap));
@@ -312,7 +333,7 @@ struct Planar {
   int64_t C, HW, mask_sb;  // mask batch stride
 };
 
-template <typename scalar_t, typename mask_t>
+template <typename scalar_t, typename mask_t, int V>
 __global__ void __launch_bounds__(kThreads)
     l1_fwd_planar_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T,
                          const mask_t* __restrict__ M, Planar g, double* __restrict__ partials) {
@@ -321,12 +342,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t base = plane * g.HW;
   const mask_t* mrow = M + (plane / g.C) * g.mask_sb;
   acc_t s = 0, n = 0;
-  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; hw < g.HW;
-       hw += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
-    const Run<scalar_t> p = load_run(P + base + hw), t = load_run(T + base + hw);
-    const Run<mask_t> m = load_run(mrow + hw);
+  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; hw < g.HW;
+       hw += static_cast<int64_t>(gridDim.x) * kThreads * V) {
+    const Run<scalar_t, V> p = load_run<V>(P + base + hw), t = load_run<V>(T + base + hw);
+    const Run<mask_t, V> m = load_run<V>(mrow + hw);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < V; ++j) {
       const acc_t mm = static_cast<acc_t>(m.v[j]);
       s += absv(static_cast<acc_t>(p.v[j]) - static_cast<acc_t>(t.v[j])) * mm;
       n += mm;
@@ -341,7 +362,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename mask_t>
+template <typename scalar_t, typename mask_t, int V>
 __global__ void __launch_bounds__(kThreads)
     l1_bwd_planar_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T,
                          const mask_t* __restrict__ M, scalar_t* __restrict__ GP, Planar g,
@@ -352,18 +373,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = blockIdx.y;
   const int64_t base = plane * g.HW;
   const mask_t* mrow = M + (plane / g.C) * g.mask_sb;
-  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; hw < g.HW;
-       hw += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
-    const Run<scalar_t> p = load_run(P + base + hw), t = load_run(T + base + hw);
-    const Run<mask_t> m = load_run(mrow + hw);
-    Run<scalar_t> o;
+  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; hw < g.HW;
+       hw += static_cast<int64_t>(gridDim.x) * kThreads * V) {
+    const Run<scalar_t, V> p = load_run<V>(P + base + hw), t = load_run<V>(T + base + hw);
+    const Run<mask_t, V> m = load_run<V>(mrow + hw);
+    Run<scalar_t, V> o;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < V; ++j) {
       const acc_t diff = static_cast<acc_t>(p.v[j]) - static_cast<acc_t>(t.v[j]);
       const acc_t sgn = diff > acc_t(0) ? acc_t(1) : (diff < acc_t(0) ? acc_t(-1) : diff);
       o.v[j] = static_cast<scalar_t>(sgn * static_cast<acc_t>(m.v[j]) * scale);
     }
-    store_run(GP + base + hw, o);
+    store_run<V>(GP + base + hw, o);
   }
 }
 
@@ -373,54 +394,68 @@ struct PlanarStepParams : StepOperands<scalar_t> {
   uint64_t offset;
 };
 
-template <typename scalar_t, bool kGenNoise>
+// nrm[j] = buf[L + j]: L a compile-time constant, so buf and nrm stay in registers.
+template <int V, int L>
+__device__ __forceinline__ void pick_normals(const float* buf, float* nrm) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) nrm[j] = buf[L + j];
+}
+
+template <typename scalar_t, bool kGenNoise, int V>
 __global__ void __launch_bounds__(kThreads) yoda_step_planar_kernel(const PlanarStepParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = blockIdx.y;
   const int64_t base = plane * p.g.HW;
   const bool* mrow = p.mask + (plane / p.g.C) * p.g.mask_sb;
   const StepCoeffs<acc_t>& k = p.k;
-  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; hw < p.g.HW;
-       hw += static_cast<int64_t>(gridDim.x) * kThreads * kVec) {
+  for (int64_t hw = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; hw < p.g.HW;
+       hw += static_cast<int64_t>(gridDim.x) * kThreads * V) {
     const int64_t i = base + hw;  // logical index of the run's first element
-    const Run<bool> m = load_run(mrow + hw);
+    const Run<bool, V> m = load_run<V>(mrow + hw);
     bool any_on = false, any_off = false;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < V; ++j) {
       any_on |= m.v[j];
       any_off |= !m.v[j];
     }
     // As in the generic kernel, reads follow the mask: the model output only where active.
-    Run<scalar_t> z{}, e{}, n{}, x{}, nl{};
+    Run<scalar_t, V> z{}, e{}, n{}, x{}, nl{};
     if (any_on) {
-      z = load_run(p.z + i);
-      e = load_run(p.eps + i);
-      if (!kGenNoise) n = load_run(p.noise + i);
+      z = load_run<V>(p.z + i);
+      e = load_run<V>(p.eps + i);
+      if (!kGenNoise) n = load_run<V>(p.noise + i);
     }
     if (any_off) {
-      if (p.x_bar != nullptr) x = load_run(p.x_bar + i);
-      if (!kGenNoise) nl = load_run(p.lr_noise + i);
+      if (p.x_bar != nullptr) x = load_run<V>(p.x_bar + i);
+      if (!kGenNoise) nl = load_run<V>(p.lr_noise + i);
     }
-    float nrm[kVec];
+    float nrm[V];
     if (kGenNoise) {
       // Element i draws counter offset + i: Philox block (offset + i) / 4, lane (offset + i) % 4.
-      // i is a multiple of 4 here, so the run spans one block, or two when offset % 4 != 0.
+      // i is a multiple of V (a multiple of 4) here, so the run spans V/4 blocks, or one more
+      // when offset % 4 != 0.
       const uint64_t ctr = p.offset + static_cast<uint64_t>(i);
       const int lane0 = static_cast<int>(ctr & 3u);
-      float lo[4], hi[4] = {0.f, 0.f, 0.f, 0.f};
-      philox::normals4(p.seed, ctr >> 2, lo);
-      if (lane0 != 0) philox::normals4(p.seed, (ctr >> 2) + 1, hi);
-      // constant indices only (lane0 is the same for the whole launch), so lo/hi stay in registers
+      float buf[V + 4];
+#pragma unroll
+      for (int b = 0; b <= V / 4; ++b) {
+        if (b < V / 4 || lane0 != 0) {
+          philox::normals4(p.seed, (ctr >> 2) + b, buf + 4 * b);
+        } else {
+          buf[4 * b] = buf[4 * b + 1] = buf[4 * b + 2] = buf[4 * b + 3] = 0.f;
+        }
+      }
+      // lane0 is the same for the whole launch: no divergence
       switch (lane0) {
-        case 0: nrm[0] = lo[0]; nrm[1] = lo[1]; nrm[2] = lo[2]; nrm[3] = lo[3]; break;
-        case 1: nrm[0] = lo[1]; nrm[1] = lo[2]; nrm[2] = lo[3]; nrm[3] = hi[0]; break;
-        case 2: nrm[0] = lo[2]; nrm[1] = lo[3]; nrm[2] = hi[0]; nrm[3] = hi[1]; break;
-        default: nrm[0] = lo[3]; nrm[1] = hi[0]; nrm[2] = hi[1]; nrm[3] = hi[2]; break;
+        case 0: pick_normals<V, 0>(buf, nrm); break;
+        case 1: pick_normals<V, 1>(buf, nrm); break;
+        case 2: pick_normals<V, 2>(buf, nrm); break;
+        default: pick_normals<V, 3>(buf, nrm); break;
       }
     }
-    Run<scalar_t> o;
+    Run<scalar_t, V> o;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < V; ++j) {
       acc_t v;
       if (m.v[j]) {
         const acc_t zv = static_cast<acc_t>(z.v[j]);
@@ -434,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) yoda_step_planar_kernel(const Planar
       }
       o.v[j] = static_cast<scalar_t>(v);
     }
-    store_run(p.out + i, o);
+    store_run<V>(p.out + i, o);
   }
 }
 
@@ -452,9 +487,10 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
   const Dims d = dims_of(pred);
   at::Tensor loss = at::empty({}, pred.options());
   at::Tensor denom = at::empty({}, pred.options().dtype(acc));
-  const bool planar = d.N > 0 && planar_ok({&pred, &target}, mask);
+  const int V = d.N > 0 ? planar_vec({&pred, &target}, mask) : 0;
+  const bool planar = V != 0;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W, sms * 8) : dim3(1);
+  const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W, V, sms * 8) : dim3(1);
   const Planar pg{d.C, d.H * d.W, mask.stride(0)};
   const int blocks = planar ? static_cast<int>(pgrid.x * pgrid.y) : (d.N > 0 ? grid_for((d.N + 3) / 4) : 1);
   // every block writes its two partials: no zero fill needed
@@ -464,15 +500,18 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (planar) {
-      if (mask.scalar_type() == at::kBool) {
-        l1_fwd_planar_kernel<scalar_t, bool><<<pgrid, kThreads, 0, stream>>>(
-            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), pg,
-            partials.mutable_data_ptr<double>());
-      } else {
-        l1_fwd_planar_kernel<scalar_t, acc_t><<<pgrid, kThreads, 0, stream>>>(
-            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(), pg,
-            partials.mutable_data_ptr<double>());
-      }
+      with_run_length<scalar_t>(V, [&](auto run) {
+        constexpr int kV = decltype(run)::value;
+        if (mask.scalar_type() == at::kBool) {
+          l1_fwd_planar_kernel<scalar_t, bool, kV><<<pgrid, kThreads, 0, stream>>>(
+              pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), pg,
+              partials.mutable_data_ptr<double>());
+        } else {
+          l1_fwd_planar_kernel<scalar_t, acc_t, kV><<<pgrid, kThreads, 0, stream>>>(
+              pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(), pg,
+              partials.mutable_data_ptr<double>());
+        }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (d.N > 0) {
       if (mask.scalar_type() == at::kBool) {
@@ -509,21 +548,27 @@ at::Tensor masked_l1_bwd_cuda(const at::Tensor& grad, const at::Tensor& pred, co
   const int blocks = grid_for((d.N + 3) / 4);
   auto stream = at::cuda::getCurrentCUDAStream();
   const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask), sg = strides_of(grad_pred);
-  const bool planar = planar_ok({&pred, &target, &grad_pred}, mask);
-  const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W) : dim3(1);
+  const int V = planar_vec({&pred, &target, &grad_pred}, mask);
+  const bool planar = V != 0;
+  const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W, V) : dim3(1);
   const Planar pg{d.C, d.H * d.W, mask.stride(0)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gp = g_acc.const_data_ptr<acc_t>();
     const acc_t* dp = d_acc.const_data_ptr<acc_t>();
-    if (planar && mask.scalar_type() == at::kBool) {
-      l1_bwd_planar_kernel<scalar_t, bool><<<pgrid, kThreads, 0, stream>>>(
-          pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
-          grad_pred.mutable_data_ptr<scalar_t>(), pg, gp, dp);
-    } else if (planar) {
-      l1_bwd_planar_kernel<scalar_t, acc_t><<<pgrid, kThreads, 0, stream>>>(
-          pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(),
-          grad_pred.mutable_data_ptr<scalar_t>(), pg, gp, dp);
+    if (planar) {
+      with_run_length<scalar_t>(V, [&](auto run) {
+        constexpr int kV = decltype(run)::value;
+        if (mask.scalar_type() == at::kBool) {
+          l1_bwd_planar_kernel<scalar_t, bool, kV><<<pgrid, kThreads, 0, stream>>>(
+              pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+              grad_pred.mutable_data_ptr<scalar_t>(), pg, gp, dp);
+        } else {
+          l1_bwd_planar_kernel<scalar_t, acc_t, kV><<<pgrid, kThreads, 0, stream>>>(
+              pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(),
+              grad_pred.mutable_data_ptr<scalar_t>(), pg, gp, dp);
+        }
+      });
     } else if (mask.scalar_type() == at::kBool) {
       l1_bwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
           pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
@@ -568,18 +613,21 @@ at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std:
     p.k = step_coeffs<at::opmath_type<scalar_t>>(sc, clip_x0);
     p.seed = static_cast<uint64_t>(seed);
   };
-  if (planar_ok({&z, &eps, &out, xb, &nz, &lnz}, mask)) {
-    const dim3 grid = planar_grid(d.B * d.C, d.H * d.W);
+  if (const int V = planar_vec({&z, &eps, &out, xb, &nz, &lnz}, mask); V != 0) {
+    const dim3 grid = planar_grid(d.B * d.C, d.H * d.W, V);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "yoda_step_cuda_planar", [&] {
       PlanarStepParams<scalar_t> p;
       set_operands(p);
       p.g = Planar{d.C, d.H * d.W, mask.stride(0)};
       p.offset = static_cast<uint64_t>(offset);
-      if (gen_noise) {
-        yoda_step_planar_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(p);
-      } else {
-        yoda_step_planar_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(p);
-      }
+      with_run_length<scalar_t>(V, [&](auto run) {
+        constexpr int kV = decltype(run)::value;
+        if (gen_noise) {
+          yoda_step_planar_kernel<scalar_t, true, kV><<<grid, kThreads, 0, stream>>>(p);
+        } else {
+          yoda_step_planar_kernel<scalar_t, false, kV><<<grid, kThreads, 0, stream>>>(p);
+        }
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;

@@ -603,10 +603,12 @@ def test_op_errors_name_the_argument():
 
 # ------------------------------------------------------------------------------ CUDA (GPU machines)
 # NCHW-contiguous operands with H*W % 4 == 0 take the planar kernels, the rest the generic ones.
+# The planar runs are 8 elements for float16/bfloat16 where H*W % 8 == 0, else 4.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
-@pytest.mark.parametrize("shape", [(3, 3, 33, 65), (2, 3, 32, 20)])  # H*W odd / a multiple of 4 (planar path)
+# H*W odd (generic) / a multiple of 8 (planar, 8-wide runs in 16 bits) / 4 but not 8 (4-wide)
+@pytest.mark.parametrize("shape", [(3, 3, 33, 65), (2, 3, 32, 20), (2, 3, 12, 17)])
 def test_cuda_ext_matches_reference(dtype, layout, shape):
     assert dict(ops.describe()["yoda_step"])["cuda_ext"] == "available"
     for normalize in ("all", "active", "sum"):
@@ -636,9 +638,11 @@ def test_cuda_ext_matches_reference(dtype, layout, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed,offset", [(0, 0), (1234, 3), (2**40 + 7, 2**33 + 1), (5, 2)])
 @pytest.mark.parametrize("shape", [(2, 3, 61, 67), (2, 3, 16, 24)])  # generic / planar kernel
-def test_cuda_noise_is_bit_identical_to_cpu(seed, offset, shape):
-    cpu = kernel_noise(shape, seed, offset)
-    z = torch.zeros(shape, device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # planar runs of 4 / of 8
+def test_cuda_noise_is_bit_identical_to_cpu(seed, offset, shape, dtype):
+    # with z = 0 and unit coefficients the output is the float32 normal itself, rounded once to dtype
+    cpu = kernel_noise(shape, seed, offset).to(dtype)
+    z = torch.zeros(shape, device="cuda", dtype=dtype)
     params = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, -1.0, 1.0], dtype=torch.float64)
     mask = torch.zeros(shape[0], 1, *shape[2:], dtype=torch.bool, device="cuda")
     cuda = torch.ops.yoda_sparse.ext_yoda_step(z, z, None, mask, None, None, seed, offset, params, False)
