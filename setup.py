@@ -89,7 +89,7 @@ def extension_kwargs() -> dict:
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cfg.CXX_FLAGS + defines, "nvcc": cfg.NVCC_FLAGS + defines},
-        extra_link_args=cfg.LD_FLAGS,
+        extra_link_args=cfg.link_flags(cxx),
         optional=True,  # setuptools then skips a missing output when copying in place
     )
 

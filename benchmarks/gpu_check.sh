@@ -9,7 +9,7 @@
 # run cut short still returns what it did: summary.txt, env.txt, build.log, tests.log,
 # bench_gpu_fp32.md, bench_gpu_bf16.md, bench.log (both benchmarks' raw output, rows printed as
 # measured), diagnose.txt (how a C++ exception from the extension surfaces on that machine).
-# About 6 minutes on an H200; the step limits add up to 9.
+# About 5 minutes on an H100; the step limits add up to about 10 (see STEPS below for re-runs).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_out}}"
@@ -30,19 +30,31 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 status=0
 step() { echo "== $1: $(date +%T)" | tee -a "$out/summary.txt"; }
 
+# STEPS picks a subset for a re-run (default: all, in this order).
+steps=" ${STEPS:-env build diagnose tests-ext tests-compile tests-triton bench-fp32 bench-bf16} "
+want() { [[ "$steps" == *" $1 "* ]]; }
+
+if want env; then
 step env
 { nvidia-smi; "$py" -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name())"; } > "$out/env.txt" 2>&1
+fi
 
+if want build; then
 step build
 if ! timeout 120 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
   echo "BUILD FAILED (see build.log)" | tee -a "$out/summary.txt"; status=1
 fi
+fi
 
+if want diagnose; then
 step diagnose   # the last H200 run saw a segfault where the extension throws on bad input
 {
   command -v g++ && g++ --version | head -n 1
   "$py" -c "import torch; print(torch.__config__.show())" | grep -iE "gcc|cxx|abi" | head -n 5
-  ldd yoda_sparse/_C*.so | grep -E "stdc\+\+|gcc_s|libc\.so"
+  echo "CXX=${CXX:-unset}"
+  "$py" -c "from yoda_sparse.ops import extension; print('link flags:', extension.link_flags())"
+  ldd yoda_sparse/_C*.so
+  echo "__cxa_throw defined in _C: $(nm -D --defined-only yoda_sparse/_C*.so | grep -c __cxa_throw)"
   for dev in cpu cuda; do
     timeout 30 "$py" -X faulthandler - "$dev" <<'PY'
 import sys, torch
@@ -59,26 +71,39 @@ PY
     echo "$dev: exit $?"
   done
 } > "$out/diagnose.txt" 2>&1
+tail -n 2 "$out/diagnose.txt" | tee -a "$out/summary.txt"
+fi
 
-step tests   # the GPU tests (CPU CI runs the rest): CUDA kernels, Triton compiled, graphs, compile
-# In three runs, so that one cut short by its limit keeps the others' summaries; the Triton file
-# compiles every kernel variant it tests (over 2 minutes on an H200 with a cold cache).
-timeout 60 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider \
-  tests/test_extension_build.py tests/test_cuda_graphs.py > "$out/tests.log" 2>&1 || status=1
-timeout 45 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider -m gpu tests/test_cpp_kernels.py >> "$out/tests.log" 2>&1 || status=1
-# pytest-xdist, where installed, spreads the Triton compiles over the CPU cores
+# The GPU tests (CPU CI runs the rest), in separate runs so that one cut short by its limit keeps
+# the others' summaries: CUDA extension and graphs; torch.compile (cold inductor compiles); the
+# Triton file (compiles every kernel variant it tests; pytest-xdist, where installed, spreads that
+# over the CPU cores).
+tests() {  # name, limit (s), pytest arguments...
+  local name=$1 limit=$2; shift 2
+  step "$name"
+  timeout "$limit" "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider "$@" >> "$out/tests.log" 2>&1 || status=1
+  tail -n 1 "$out/tests.log" | tee -a "$out/summary.txt"
+}
+if want tests-ext; then
+  tests tests-ext 60 tests/test_extension_build.py tests/test_cuda_graphs.py -k "not torch_compile"
+  tests tests-ext-kernels 60 -m gpu tests/test_cpp_kernels.py
+fi
+want tests-compile && tests tests-compile 150 tests/test_cuda_graphs.py -k torch_compile
 xdist=""; "$py" -c "import xdist" 2>/dev/null && xdist="-n 8"
-timeout 150 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider $xdist tests/test_triton_kernels.py >> "$out/tests.log" 2>&1 || status=1
-grep -E "passed|failed|error" "$out/tests.log" | grep -E "^=*\s*[0-9]+ " | tee -a "$out/summary.txt"
+want tests-triton && tests tests-triton 150 $xdist tests/test_triton_kernels.py
 
 # Benchmarks side by side within each run. torch.compile compiles twice per op (the first
 # shape, then once with dynamic shapes), so it runs at every shape in fp32.
+if want bench-fp32; then
 step bench-fp32
 timeout 120 "$py" benchmarks/bench_gpu_ops.py --dtype float32 \
   --out "$out/bench_gpu_fp32.md" >> "$out/bench.log" 2>&1 || status=1
+fi
+if want bench-bf16; then
 step bench-bf16
 timeout 45 "$py" benchmarks/bench_gpu_ops.py --dtype bfloat16 --backends eager triton cuda_ext \
   --out "$out/bench_gpu_bf16.md" >> "$out/bench.log" 2>&1 || status=1
+fi
 
 step done
 echo "exit status $status" | tee -a "$out/summary.txt"

@@ -138,8 +138,8 @@ def interpreted() -> bool:
 
 
 def _mask_view(mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)  # same bytes; loads as 0/1
+    # A bool mask goes to the kernels as it is (Triton reads *i1 as bytes). No dtype view to
+    # uint8: inductor cannot lower a view of bool when torch.compile traces the triton_op.
     mask, (sb, _, sp) = as_pixel_view(mask)
     return mask, (sb, sp)
 

@@ -176,19 +176,19 @@ def yoda_step(
     x_bar, xs = _view(x_bar, z, "x_bar")
     noise_t, ns = _view(noise, z, "noise")
     lr_noise_t, ls = _view(lr_noise, z, "lr_noise")
-    mask_u8, (m_sb, _, m_sp) = as_pixel_view(mask.view(torch.uint8))
+    mask_px, (m_sb, _, m_sp) = as_pixel_view(mask)  # bool as it is: see masked_l1._mask_view
     os_ = as_pixel_view(out)[1]
     BLOCK_P, BLOCK_C, num_warps = tile_shape(os_[1], C, HW)
     n_pblocks = triton.cdiv(HW, BLOCK_P)
     c = {k: float(coeffs[k]) for k in COEFFICIENTS}
     wrap_triton(_yoda_step_kernel)[(B * n_pblocks,)](
-        z, eps, x_bar, noise_t, lr_noise_t, mask_u8, out,
+        z, eps, x_bar, noise_t, lr_noise_t, mask_px, out,
         C, HW, n_pblocks, 0 if has_noise else int(seed), 0 if has_noise else int(offset),
         c["sqrt_recip_ac"], c["sqrt_recipm1_ac"], c["coef1"], c["coef2"], c["sigma"],
         c["lr_scale"], c["lr_sigma"], float(clip_lo), float(clip_hi),
         *zs, *es, *xs, *ns, *ls, m_sb, m_sp, *os_,
         HAS_XBAR=has_xbar, HAS_NOISE=has_noise, HAS_LR_NOISE=has_lr_noise,
-        CLIP=bool(clip_x0), IDX64=needs_int64(z, eps, x_bar, noise_t, lr_noise_t, mask_u8, out),
+        CLIP=bool(clip_x0), IDX64=needs_int64(z, eps, x_bar, noise_t, lr_noise_t, mask_px, out),
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
     return out

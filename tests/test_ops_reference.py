@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from yoda_sparse import NoiseSchedule, ops
-from yoda_sparse.ops import registry
+from yoda_sparse.ops import reference, registry
 
 
 def _posterior_by_hand(z, eps, x_bar, mask, noise, lr_noise, sched, t, lr_branch, variance, clip):
@@ -264,3 +264,12 @@ def test_schedule_coefficients_are_the_tensor_values():
         assert c.sqrt_recipm1_alphas_cumprod == float(s.sqrt_recipm1_alphas_cumprod[i])
         assert c.noise_level == float(s.sqrt_alphas_cumprod[i])
         assert c.beta == float(s.betas[i]) and c.alphas_cumprod_prev == float(s.alphas_cumprod_prev[i])
+
+
+def test_lr_branch_coefficients_forward_reading():
+    scale, std = reference.lr_branch_coefficients("forward", 0.36, 0.1)
+    assert scale == pytest.approx(0.6) and std == pytest.approx(0.8)
+    assert reference.lr_branch_coefficients("forward", 1.0, 0.0) == (1.0, 0.0)  # t = 1: no noise left
+    assert reference.lr_branch_coefficients("literal", 0.36, 0.1) == (1.0, 0.1)
+    with pytest.raises(ValueError, match="alphas_cumprod_prev"):
+        reference.lr_branch_coefficients("forward", 1.5, 0.1)

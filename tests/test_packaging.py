@@ -1,7 +1,9 @@
 """What an install carries: the Triton kernels as yoda_sparse.kernels, and the C++/CUDA sources as
 yoda_sparse/_csrc, so an install without a loadable prebuilt extension can still build it just
 in time."""
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,3 +47,44 @@ def test_checkout_sources_come_first():
     if extension.checkout_csrc_dir() is None:
         pytest.skip("not a source checkout")
     assert extension.csrc_dir() == ROOT / "csrc"
+
+
+# A compiler that links its own static libstdc++ into the extension gives it a second C++ runtime
+# next to torch's (seen on a GPU image: every TORCH_CHECK on bad input then crashed the process).
+def _gxx():
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++")
+    return gxx
+
+
+def test_a_shared_cxx_runtime_needs_no_extra_link_flags():
+    gxx = _gxx()
+    assert not extension._links_libstdcxx_statically(gxx)
+    assert extension.link_flags(gxx) == extension.LD_FLAGS
+
+
+def test_a_static_cxx_runtime_is_replaced_by_torchs(tmp_path):
+    gxx = _gxx()
+    static_archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(static_archive):
+        pytest.skip("g++ has no static libstdc++ to link")
+    wrapper = tmp_path / "g++-static-runtime"
+    wrapper.write_text(f'#!/bin/sh\nexec "{gxx}" -static-libstdc++ "$@"\n')
+    wrapper.chmod(0o755)
+    assert extension._links_libstdcxx_statically(str(wrapper))
+    flags = extension.link_flags(str(wrapper))
+    runtime = extension._loaded_libstdcxx()
+    assert runtime is not None and flags == extension.LD_FLAGS + [runtime]
+    # with those flags the same compiler links the shared runtime after all
+    src, lib = tmp_path / "probe.cpp", tmp_path / "probe.so"
+    src.write_text('#include <stdexcept>\nvoid probe() { throw std::runtime_error("x"); }\n')
+    subprocess.run([str(wrapper), "-shared", "-fPIC", str(src), "-o", str(lib), runtime], check=True)
+    assert b"libstdc++.so" in lib.read_bytes()
+
+
+def test_prebuilt_extension_uses_a_shared_cxx_runtime():
+    spec = importlib.util.find_spec("yoda_sparse._C")
+    if spec is None or spec.origin is None:
+        pytest.skip("no prebuilt extension")
+    assert b"libstdc++.so" in Path(spec.origin).read_bytes(), f"{spec.origin} carries its own static libstdc++"

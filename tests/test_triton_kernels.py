@@ -410,13 +410,13 @@ _COMPILE_SCRIPT = textwrap.dedent(
         assert "cubin" in k.asm
 
     for dt in ("fp32", "fp16", "bf16"):
-        t = {"pred_ptr": "*" + dt, "target_ptr": "*" + dt, "mask_ptr": "*u8", "loss_part_ptr": "*fp32", "count_part_ptr": "*fp32"}
+        t = {"pred_ptr": "*" + dt, "target_ptr": "*" + dt, "mask_ptr": "*i1", "loss_part_ptr": "*fp32", "count_part_ptr": "*fp32"}
         compile_(M._masked_l1_partials_kernel, t, {"COUNT_MASK": dt == "fp16", "IDX64": dt == "bf16", "BLOCK_P": 1024, "BLOCK_C": 4}, 8)
-        t = {"grad_ptr": "*" + dt, "denom_ptr": "*fp32", "pred_ptr": "*" + dt, "target_ptr": "*" + dt, "mask_ptr": "*fp32",
-             "grad_pred_ptr": "*" + dt, "grad_target_ptr": "*" + dt}
+        t = {"grad_ptr": "*" + dt, "denom_ptr": "*fp32", "pred_ptr": "*" + dt, "target_ptr": "*" + dt,
+             "mask_ptr": "*i1" if dt == "fp16" else "*fp32", "grad_pred_ptr": "*" + dt, "grad_target_ptr": "*" + dt}
         compile_(M._masked_l1_backward_kernel, t, {"WRITE_PRED": True, "WRITE_TARGET": dt != "fp16", "IDX64": dt == "bf16", "BLOCK_P": 64, "BLOCK_C": 64})
         t = {n: "*" + dt for n in ("z_ptr", "eps_ptr", "xbar_ptr", "noise_ptr", "lr_noise_ptr", "out_ptr")}
-        t.update(mask_ptr="*u8", seed="i64", offset="i64")
+        t.update(mask_ptr="*i1", seed="i64", offset="i64")  # bool masks go in as they are
         t.update({n: "fp32" for n in ("sqrt_recip_ac", "sqrt_recipm1_ac", "coef1", "coef2", "sigma", "lr_scale", "lr_sigma", "clip_lo", "clip_hi")})
         for has_noise, has_lr in ((False, False), (True, False), (True, True)) if dt == "fp32" else ((True, True),):
             compile_(Y._yoda_step_kernel, t, {"HAS_XBAR": has_lr, "HAS_NOISE": has_noise, "HAS_LR_NOISE": has_lr, "CLIP": has_noise,

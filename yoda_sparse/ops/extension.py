@@ -17,6 +17,9 @@ import importlib
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -36,6 +39,53 @@ SOURCES_CUDA = ["yoda_ops_cuda.cu"]
 
 _lock = threading.Lock()
 _state: dict = {}
+_link_flags_of: dict = {}
+
+
+def _loaded_libstdcxx() -> str | None:
+    """Path of the libstdc++ this process (torch) has loaded, or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in maps:
+        path = line.split()[-1] if line.split() else ""
+        if "/libstdc++.so" in path and Path(path).is_file():
+            return path
+    return None
+
+
+def _links_libstdcxx_statically(cxx: str) -> bool:
+    """Whether ``cxx -shared`` puts its own static copy of libstdc++ into a shared object.
+
+    Such a toolchain (seen: a GCC under /opt/gcc on a GPU machine's image) gives the extension a
+    second C++ runtime next to the one torch loaded, and an exception the extension throws (every
+    TORCH_CHECK on bad input) then crashes the process where torch catches it. A probe library
+    that throws is linked and its dynamic string table searched for libstdc++'s soname.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = Path(tmp, "probe.cpp"), Path(tmp, "probe.so")
+        src.write_text('#include <stdexcept>\nvoid yoda_probe() { throw std::runtime_error("probe"); }\n')
+        try:
+            done = subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(lib)], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0 and lib.is_file() and b"libstdc++.so" not in lib.read_bytes()
+
+
+def link_flags(cxx: str | None = None) -> list[str]:
+    """LD_FLAGS, plus the libstdc++ that torch loaded when the compiler would link its own copy
+    statically (see _links_libstdcxx_statically): that shared library on the link line comes
+    before the compiler's implicit static one, so the extension uses torch's C++ runtime."""
+    cxx = cxx or os.environ.get("CXX", "c++")
+    if cxx not in _link_flags_of:
+        extra = []
+        if sys.platform.startswith("linux") and shutil.which(cxx) and _links_libstdcxx_statically(cxx):
+            runtime = _loaded_libstdcxx()
+            if runtime is not None:
+                extra = [runtime]
+        _link_flags_of[cxx] = LD_FLAGS + extra
+    return list(_link_flags_of[cxx])
 
 
 def checkout_csrc_dir() -> Path | None:
@@ -114,7 +164,7 @@ def _jit_build() -> str | None:
             sources=sources,
             extra_cflags=CXX_FLAGS + defines,
             extra_cuda_cflags=NVCC_FLAGS + defines,
-            extra_ldflags=LD_FLAGS,
+            extra_ldflags=link_flags(cxx),
             extra_include_paths=[str(src)] + (nvidia_include_dirs() if with_cuda else []),
             with_cuda=with_cuda,
             is_python_module=False,
