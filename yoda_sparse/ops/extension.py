@@ -49,7 +49,8 @@ def _loaded_libstdcxx() -> str | None:
     except OSError:
         return None
     for line in maps:
-        path = line.split()[-1] if line.split() else ""
+        fields = line.split()
+        path = fields[-1] if fields else ""
         if "/libstdc++.so" in path and Path(path).is_file():
             return path
     return None
