@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pixel_strides", "as_pixel_view", "output_like", "needs_int64", "tile_shape", "is_interpreted"]
+__all__ = ["pixel_strides", "as_pixel_view", "output_like", "needs_int64", "tile_shape", "is_interpreted", "launcher"]
 
 INT32_MAX = 2**31 - 1
 
@@ -97,3 +97,17 @@ def is_interpreted(kernel) -> bool:
     while hasattr(k, "fn") and not isinstance(k, InterpretedFunction):  # autotuner/heuristics
         k = k.fn
     return isinstance(k, InterpretedFunction)
+
+
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)``, or the kernel itself when it is interpreted.
+
+    An interpreted kernel only runs eagerly on CPU tensors and cannot be traced anyway. torch
+    2.14's wrap_triton hands it back unwrapped, but older ones (2.11 seen) raise "wrap_triton
+    only works on functions annotated with triton.jit", so the check is made here.
+    """
+    if is_interpreted(kernel):
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import as_pixel_view, is_interpreted, needs_int64, output_like, tile_shape
+from . import as_pixel_view, is_interpreted, launcher, needs_int64, output_like, tile_shape
 
 __all__ = ["masked_l1_forward", "masked_l1_backward", "NORMALIZATIONS", "interpreted"]
 
@@ -179,7 +178,7 @@ def masked_l1_forward(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     loss = torch.empty((), dtype=pred.dtype, device=pred.device)
     denom = torch.empty((), dtype=torch.float32, device=pred.device)
     if n_parts > 0:
-        wrap_triton(_masked_l1_partials_kernel)[(n_parts,)](
+        launcher(_masked_l1_partials_kernel)[(n_parts,)](
             pred, target, mask, loss_parts, count_parts,
             C, HW, n_pblocks,
             p_sb, p_sc, p_sp, t_sb, t_sc, t_sp, m_sb, m_sp,
@@ -187,7 +186,7 @@ def masked_l1_forward(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
             BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
         )
     fixed = float(B * C * HW) if normalize == "all" else 1.0
-    wrap_triton(_masked_l1_finalize_kernel)[(1,)](
+    launcher(_masked_l1_finalize_kernel)[(1,)](
         loss_parts, count_parts, loss, denom, n_parts, fixed,
         ACTIVE=active, BLOCK=_FINALIZE_BLOCK, num_warps=4,
     )
@@ -230,7 +229,7 @@ def masked_l1_backward(
     o_sb, o_sc, o_sp = as_pixel_view(grad_pred if need_pred else grad_target)[1]
     BLOCK_P, BLOCK_C, num_warps = tile_shape(o_sc, C, HW)
     n_pblocks = triton.cdiv(HW, BLOCK_P)
-    wrap_triton(_masked_l1_backward_kernel)[(B * n_pblocks,)](
+    launcher(_masked_l1_backward_kernel)[(B * n_pblocks,)](
         grad.reshape(()), denom.reshape(()), pred, target, mask, grad_pred, grad_target,
         C, HW, n_pblocks,
         p_sb, p_sc, p_sp, t_sb, t_sc, t_sp, m_sb, m_sp, o_sb, o_sc, o_sp,

@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import as_pixel_view, is_interpreted, needs_int64, output_like, tile_shape
+from . import as_pixel_view, is_interpreted, launcher, needs_int64, output_like, tile_shape
 
 __all__ = ["yoda_step", "COEFFICIENTS", "interpreted"]
 
@@ -181,7 +180,7 @@ def yoda_step(
     BLOCK_P, BLOCK_C, num_warps = tile_shape(os_[1], C, HW)
     n_pblocks = triton.cdiv(HW, BLOCK_P)
     c = {k: float(coeffs[k]) for k in COEFFICIENTS}
-    wrap_triton(_yoda_step_kernel)[(B * n_pblocks,)](
+    launcher(_yoda_step_kernel)[(B * n_pblocks,)](
         z, eps, x_bar, noise_t, lr_noise_t, mask_px, out,
         C, HW, n_pblocks, 0 if has_noise else int(seed), 0 if has_noise else int(offset),
         c["sqrt_recip_ac"], c["sqrt_recipm1_ac"], c["coef1"], c["coef2"], c["sigma"],

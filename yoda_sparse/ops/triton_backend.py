@@ -12,9 +12,10 @@ Operators (namespace ``yoda_sparse``):
   clip_x0, clip_lo, clip_hi) -> out``.
 
 Each has an explicit fake kernel (shapes/strides only) instead of the triton_op default of
-tracing the launcher, because under TRITON_INTERPRET=1 ``wrap_triton`` hands back the raw
-interpreted kernel, which cannot run on fake tensors; for the same reason the ops stay opaque
-to torch.compile under the interpreter (on a GPU, inductor sees the kernels as usual).
+tracing the launcher, because under TRITON_INTERPRET=1 the launchers call the raw interpreted
+kernel (see ``yoda_sparse.kernels.launcher``), which cannot run on fake tensors; for the same
+reason the ops stay opaque to torch.compile under the interpreter (on a GPU, inductor sees the
+kernels as usual).
 
 Where they run: CUDA tensors of float16/bfloat16/float32; or, when TRITON_INTERPRET=1 was
 set before yoda_sparse was imported, CPU tensors of float16/float32 in Triton's interpreter
