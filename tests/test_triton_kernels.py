@@ -464,6 +464,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels run compiled (tests/test_cuda_graphs.py covers torch.compile)")
 def test_kernels_compile_for_sm90_and_trace_for_torch_compile():
     """What the interpreter can't check: type-correct kernels and graph-traceable launchers."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        pytest.skip("the script drives ASTSource(..., constexprs=), which triton 3.2 lacks")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -64,8 +64,8 @@ class NoiseSchedule:
 
     Build with :meth:`linear` (SR3), :meth:`cosine` (SRDiff) or from explicit ``betas``.
 
-    Attributes (float64 CPU tensors of length T, index ``t - 1``; read-only: per-step scalars
-    are cached from them):
+    Attributes (float64 CPU tensors of length T, index ``t - 1``; read-only: the per-step
+    scalars are copied from them once, at construction):
         betas: per-step noise variance beta_t (the paper's alpha_t in eq. 1-3).
         alphas: 1 - beta_t (SR3's alpha_t, the paper's eq. 6-7).
         alphas_cumprod: gamma_t = prod_{i<=t} alphas_i (DDPM's alpha-bar).
@@ -99,6 +99,14 @@ class NoiseSchedule:
         if self.timesteps.numel() != self.num_steps:
             raise ValueError("timesteps must have one entry per step")
         self.train_steps = int(train_steps) if train_steps is not None else self.num_steps
+        # Every sampling step reads its scalars from these Python lists: ten float(tensor[i])
+        # cost ~10 us, as much as a small image's step kernel. Under torch.compile they are
+        # constants, so a step's scalars are baked into the graph, never traced as tensor
+        # reads (torch 2.6's dynamo cannot trace float(tensor[i]) in a full graph, and torch
+        # 2.11's inductor once miscompiled arithmetic on such traced scalars).
+        self._coefficient_columns = {
+            field: getattr(self, attr).tolist() for field, attr in self._COEFFICIENT_FIELDS
+        }
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -167,19 +175,8 @@ class NoiseSchedule:
     def coefficients(self, t: int) -> StepCoefficients:
         """The scalars of reverse step t -> t-1 (t in 1..T of *this* schedule)."""
         t = self.check_t(t)
-        # Every sampling step asks for these: read them from Python lists made once (ten
-        # float(tensor[i]) cost ~10 us, as much as a small image's step kernel). The schedule's
-        # tensors are treated as read-only, as everywhere else.
-        # Under torch.compile the tensors are indexed as before (dynamo traces that, not tolist()).
         i = t - 1
-        if torch.compiler.is_compiling():
-            return StepCoefficients(t=t, **{f: float(getattr(self, a)[i]) for f, a in self._COEFFICIENT_FIELDS})
-        columns = self.__dict__.get("_coefficient_columns")
-        if columns is None:
-            columns = self._coefficient_columns = {
-                field: getattr(self, attr).tolist() for field, attr in self._COEFFICIENT_FIELDS
-            }
-        return StepCoefficients(t=t, **{field: column[i] for field, column in columns.items()})
+        return StepCoefficients(t=t, **{field: column[i] for field, column in self._coefficient_columns.items()})
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward diffusion, paper eq. 3: z_t = sqrt(gamma_t) x0 + sqrt(1 - gamma_t) eps.

@@ -44,8 +44,9 @@ def lr_branch_coefficients(lr_branch: str, alphas_cumprod_prev: float, sigma: fl
         if not torch.compiler.is_compiling() and not 0.0 <= alphas_cumprod_prev <= 1.0:
             raise ValueError(f"alphas_cumprod_prev must lie in [0, 1], got {alphas_cumprod_prev}")
         # No max(0, .) guard: a NoiseSchedule's betas lie in (0, 1), so 0 < gamma_{t-1} <= 1. And
-        # under torch.compile these values are symbolic floats, whose builtin max() torch 2.11's
-        # inductor emitted as an int64 max (0 here: the LR branch lost its noise on an H100).
+        # where torch.compile traces these values as symbolic floats (once the case for a
+        # NoiseSchedule's), torch 2.11's inductor emitted builtin max() as an int64 max (0 here:
+        # the LR branch lost its noise on an H100).
         return alphas_cumprod_prev ** 0.5, (1.0 - alphas_cumprod_prev) ** 0.5
     return 1.0, sigma
 
