@@ -88,3 +88,13 @@ def test_prebuilt_extension_uses_a_shared_cxx_runtime():
     if spec is None or spec.origin is None:
         pytest.skip("no prebuilt extension")
     assert b"libstdc++.so" in Path(spec.origin).read_bytes(), f"{spec.origin} carries its own static libstdc++"
+
+
+@pytest.mark.parametrize(
+    "script", ["run.sh", "test.sh", ".ci/run", "scripts/setup_env.sh", "scripts/test_torch.sh", "benchmarks/gpu_check.sh"]
+)
+def test_shell_scripts_parse(script):
+    """Most of these only run on a fresh clone, in CI or on a GPU machine: a syntax error
+    there would show up late and cost a run."""
+    proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
