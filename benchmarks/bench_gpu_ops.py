@@ -31,7 +31,6 @@ Needs a CUDA device; prints a markdown table naming the GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -40,9 +39,6 @@ import time
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICE = "cuda"
-# cuda_ext's loss with YODA_SPARSE_L1_TWO_PASS=1: its forward's partial sums finished by a second
-# kernel, as before the one-kernel forward; timed in the same run to measure what that saved.
-TWO_KERNEL_FWD = "cuda_ext, 2-kernel fwd"
 
 
 def parse_args(argv=None):
@@ -191,8 +187,6 @@ def l1_cases(torch, ops, reference, args, B, C, H, W, dtype, gen):
                 skipped[name] = reason
             else:
                 fns[name] = fwd_bwd(fn)
-                if name == "cuda_ext":  # the same op with the forward's finish as a second kernel
-                    fns[TWO_KERNEL_FWD] = fns[name]
     es = pred.element_size()
     nbytes = es * pred.numel() * 5 + 2 * B * H * W  # fwd: pred, target, mask; bwd: the same + grad_pred
     return fns, skipped, nbytes
@@ -281,16 +275,15 @@ def main(argv=None) -> int:
                     notes.setdefault(name, reason)
                 eager = {}
                 for name, fn in fns.items():
-                    with _two_kernel_fwd(name == TWO_KERNEL_FWD):
-                        fn()  # compile / build / warm caches outside the timing
+                    fn()  # compile / build / warm caches outside the timing
+                    torch.cuda.synchronize()
+                    med, lo, hi = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+                    try:
+                        dev = graph_ms(torch, [fs[name] for fs in sets])
+                    except Exception as exc:  # report, keep going
+                        dev = None
+                        notes.setdefault(f"{name} (device time)", f"CUDA-graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
                         torch.cuda.synchronize()
-                        med, lo, hi = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
-                        try:
-                            dev = graph_ms(torch, [fs[name] for fs in sets])
-                        except Exception as exc:  # report, keep going
-                            dev = None
-                            notes.setdefault(f"{name} (device time)", f"CUDA-graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
-                            torch.cuda.synchronize()
                     if name == "eager":
                         eager = {"call": med, "dev": dev}
                     sp_call = f"{eager['call'] / med:.2f}x" if eager.get("call") else "–"
@@ -313,23 +306,6 @@ def main(argv=None) -> int:
     if args.out:
         _write_atomically(args.out, report)
     return 0
-
-
-@contextlib.contextmanager
-def _two_kernel_fwd(on: bool):
-    """YODA_SPARSE_L1_TWO_PASS=1 inside (the extension reads it on every call), when ``on``."""
-    if not on:
-        yield
-        return
-    old = os.environ.get("YODA_SPARSE_L1_TWO_PASS")
-    os.environ["YODA_SPARSE_L1_TWO_PASS"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["YODA_SPARSE_L1_TWO_PASS"]
-        else:
-            os.environ["YODA_SPARSE_L1_TWO_PASS"] = old
 
 
 def _write_atomically(path: str, text: str) -> None:

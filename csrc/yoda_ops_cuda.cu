@@ -10,9 +10,8 @@
 //
 // NCHW-contiguous operands take the planar fast path (below): 16-byte loads per (b, c) plane.
 //
-// The loss forward is one kernel and deterministic: fixed per-thread order, fixed shared-memory
-// tree per block, per-block partials in float64, and the last block to finish sums them in a
-// fixed order (so the bits do not depend on which block that is).
+// The loss forward is deterministic: fixed per-thread order, fixed shared-memory tree per
+// block, per-block partials in float64, one finishing block that sums them in a fixed order.
 #include "philox.h"
 #include "yoda_ops.h"
 
@@ -24,12 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <initializer_list>
 #include <limits>
-#include <mutex>
 #include <type_traits>
-#include <unordered_map>
 
 namespace yoda {
 namespace {
@@ -123,67 +119,10 @@ __device__ __forceinline__ void block_sum2(double& s, double& n) {
 }
 
 // ------------------------------------------------------------------------------- masked L1
-// Where the loss forward's finish writes, and how it normalises.  ticket: null for the
-// two-kernel forward (partials, then l1_finish_kernel); else a zeroed counter that the blocks
-// take tickets from, so that the last block to finish sums the partials itself (one kernel).
-template <typename scalar_t>
-struct L1Finish {
-  unsigned int* ticket;
-  int64_t normalize;
-  double numel;
-  scalar_t* loss;
-  at::opmath_type<scalar_t>* denom;
-};
-
-// Run by one whole block: sums the per-block partials in a fixed order (the same bits whichever
-// block runs it) and writes the loss and its denominator.  __ldcg reads them from L2, where the
-// other blocks' writes are visible, never from this SM's L1.
-template <typename scalar_t>
-__device__ void l1_finish_block(const double* partials, int nblocks, const L1Finish<scalar_t>& f) {
-  using acc_t = at::opmath_type<scalar_t>;
-  double s = 0.0, n = 0.0;
-  for (int j = threadIdx.x; j < nblocks; j += kThreads) {
-    s += __ldcg(partials + 2 * j);
-    n += __ldcg(partials + 2 * j + 1);
-  }
-  block_sum2(s, n);
-  if (threadIdx.x == 0) {
-    double denom = 1.0;
-    if (f.normalize == kNormAll) denom = f.numel;
-    if (f.normalize == kNormActive) denom = n > 1.0 ? n : 1.0;  // n = C * sum(mask)
-    const acc_t dv = static_cast<acc_t>(denom);
-    *f.denom = dv;
-    *f.loss = static_cast<scalar_t>(static_cast<acc_t>(s) / dv);
-  }
-}
-
-// The end of a forward block, after block_sum2 (bs, bn valid in thread 0): publish this block's
-// partials and, with a ticket counter, finish the loss in the last block to get here (the
-// threadFenceReduction pattern: fence, then take a ticket; atomicInc with nblocks - 1 wraps the
-// counter back to 0 at the last ticket, so it is zero again for the next launch on its stream).
-template <typename scalar_t>
-__device__ __forceinline__ void l1_publish_partials(double* partials, int blk, int nblocks, double bs, double bn,
-                                                    const L1Finish<scalar_t>& f) {
-  __shared__ bool is_last;
-  if (threadIdx.x == 0) {
-    partials[2 * blk] = bs;
-    partials[2 * blk + 1] = bn;
-    if (f.ticket != nullptr) {
-      __threadfence();  // the partials reach L2 before the ticket is taken
-      is_last = atomicInc(f.ticket, static_cast<unsigned int>(nblocks - 1)) == static_cast<unsigned int>(nblocks - 1);
-    }
-  }
-  if (f.ticket == nullptr) return;  // the same for the whole block
-  __syncthreads();                  // also ends block_sum2's reads of its shared sums
-  if (!is_last) return;
-  __threadfence();
-  l1_finish_block(partials, nblocks, f);
-}
-
 template <typename scalar_t, typename mask_t>
 __global__ void __launch_bounds__(kThreads)
     l1_fwd_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T, const mask_t* __restrict__ M,
-                  Strides4 sp, Strides4 st, Strides4 sm, Dims d, double* partials, L1Finish<scalar_t> f) {
+                  Strides4 sp, Strides4 st, Strides4 sm, Dims d, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t s = 0, n = 0;
   const int64_t nquads = (d.N + 3) / 4;
@@ -203,13 +142,31 @@ __global__ void __launch_bounds__(kThreads)
   }
   double bs = static_cast<double>(s), bn = static_cast<double>(n);
   block_sum2(bs, bn);
-  l1_publish_partials(partials, blockIdx.x, gridDim.x, bs, bn, f);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = bs;
+    partials[2 * blockIdx.x + 1] = bn;
+  }
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    l1_finish_kernel(const double* partials, int nblocks, L1Finish<scalar_t> f) {
-  l1_finish_block(partials, nblocks, f);
+    l1_finish_kernel(const double* __restrict__ partials, int nblocks, int64_t normalize, double numel,
+                     scalar_t* __restrict__ loss, at::opmath_type<scalar_t>* __restrict__ denom_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  double s = 0.0, n = 0.0;
+  for (int j = threadIdx.x; j < nblocks; j += kThreads) {
+    s += partials[2 * j];
+    n += partials[2 * j + 1];
+  }
+  block_sum2(s, n);
+  if (threadIdx.x == 0) {
+    double denom = 1.0;
+    if (normalize == kNormAll) denom = numel;
+    if (normalize == kNormActive) denom = n > 1.0 ? n : 1.0;  // n = C * sum(mask)
+    const acc_t dv = static_cast<acc_t>(denom);
+    *denom_out = dv;
+    *loss = static_cast<scalar_t>(static_cast<acc_t>(s) / dv);
+  }
 }
 
 template <typename scalar_t, typename mask_t>
@@ -379,7 +336,7 @@ struct Planar {
 template <typename scalar_t, typename mask_t, int V>
 __global__ void __launch_bounds__(kThreads)
     l1_fwd_planar_kernel(const scalar_t* __restrict__ P, const scalar_t* __restrict__ T,
-                         const mask_t* __restrict__ M, Planar g, double* partials, L1Finish<scalar_t> f) {
+                         const mask_t* __restrict__ M, Planar g, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = blockIdx.y;
   const int64_t base = plane * g.HW;
@@ -398,7 +355,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   double bs = static_cast<double>(s), bn = static_cast<double>(n);
   block_sum2(bs, bn);
-  l1_publish_partials(partials, static_cast<int>(plane * gridDim.x + blockIdx.x), gridDim.x * gridDim.y, bs, bn, f);
+  if (threadIdx.x == 0) {
+    const int64_t blk = plane * gridDim.x + blockIdx.x;
+    partials[2 * blk] = bs;
+    partials[2 * blk + 1] = bn;
+  }
 }
 
 template <typename scalar_t, typename mask_t, int V>
@@ -512,57 +473,6 @@ __global__ void __launch_bounds__(kThreads) yoda_step_planar_kernel(const Planar
   }
 }
 
-// Ticket counters for the one-kernel loss forward (l1_publish_partials): one per stream for
-// eager calls (calls on one stream run in order, and each launch leaves its counter at zero),
-// and a fresh one for every call captured into a CUDA graph, so that graphs replayed at the
-// same time on different streams never share a counter.  The counters live in one zeroed
-// buffer per device, made on first use outside any capture and kept for the process.  Where
-// none can be had (the first call on a device is being captured, or the buffer's slots are all
-// taken by captures) the forward falls back to the two-kernel finish: the same bits, one more
-// launch.  YODA_SPARSE_L1_TWO_PASS=1 forces that fallback (read on every call, so a benchmark
-// can time both in one process).
-class L1TicketPool {
- public:
-  static constexpr int64_t kSlots = 4096;
-
-  static L1TicketPool& get() {
-    static L1TicketPool* pool = new L1TicketPool();  // never destroyed: no CUDA calls at exit
-    return *pool;
-  }
-
-  unsigned int* ticket(const c10::cuda::CUDAStream& stream) {
-    const char* forced = std::getenv("YODA_SPARSE_L1_TWO_PASS");
-    if (forced != nullptr && forced[0] != '\0' && forced[0] != '0') return nullptr;
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
-    const bool capturing = capture != cudaStreamCaptureStatusNone;
-    std::lock_guard<std::mutex> lock(mutex_);
-    PerDevice& dev = devices_[stream.device_index()];
-    if (!dev.counters.defined()) {
-      if (capturing) return nullptr;  // a new buffer could not be zeroed before the graph runs
-      dev.counters = at::zeros({kSlots}, at::TensorOptions().dtype(at::kInt).device(stream.device()));
-      stream.synchronize();  // zeroed before any other stream uses a slot
-    }
-    auto* base = reinterpret_cast<unsigned int*>(dev.counters.mutable_data_ptr<int32_t>());
-    if (capturing) return dev.next < kSlots ? base + dev.next++ : nullptr;
-    auto it = dev.by_stream.find(stream.id());
-    if (it == dev.by_stream.end()) {
-      if (dev.next >= kSlots) return nullptr;
-      it = dev.by_stream.emplace(stream.id(), dev.next++).first;
-    }
-    return base + it->second;
-  }
-
- private:
-  struct PerDevice {
-    at::Tensor counters;
-    int64_t next = 0;
-    std::unordered_map<c10::StreamId, int64_t> by_stream;
-  };
-  std::mutex mutex_;
-  std::unordered_map<c10::DeviceIndex, PerDevice> devices_;
-};
-
 }  // namespace
 
 // ================================================================================== ops
@@ -582,47 +492,44 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const dim3 pgrid = planar ? planar_grid(d.B * d.C, d.H * d.W, V, sms * 8) : dim3(1);
   const Planar pg{d.C, d.H * d.W, mask.stride(0)};
-  // an empty image still runs one (loop-free) block, which writes zero partials and finishes
+  // an empty image still runs one (loop-free) block, which writes zero partials for the finish
   const int blocks = planar ? static_cast<int>(pgrid.x * pgrid.y) : grid_for((d.N + 3) / 4);
   // every block writes its two partials: no zero fill needed
   at::Tensor partials = at::empty({2 * static_cast<int64_t>(blocks)}, pred.options().dtype(at::kDouble));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  unsigned int* ticket = L1TicketPool::get().ticket(stream);
+  auto stream = at::cuda::getCurrentCUDAStream();
   const Strides4 sp = strides_of(pred), st = strides_of(target), sm = strides_of(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "masked_l1_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const L1Finish<scalar_t> fin{ticket, normalize, static_cast<double>(d.N), loss.mutable_data_ptr<scalar_t>(),
-                                 denom.mutable_data_ptr<acc_t>()};
-    double* part = partials.mutable_data_ptr<double>();
     if (planar) {
       with_run_length<scalar_t>(V, [&](auto run) {
         constexpr int kV = decltype(run)::value;
         if (mask.scalar_type() == at::kBool) {
           l1_fwd_planar_kernel<scalar_t, bool, kV><<<pgrid, kThreads, 0, stream>>>(
               pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), pg,
-              part, fin);
+              partials.mutable_data_ptr<double>());
         } else {
           l1_fwd_planar_kernel<scalar_t, acc_t, kV><<<pgrid, kThreads, 0, stream>>>(
               pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(), pg,
-              part, fin);
+              partials.mutable_data_ptr<double>());
         }
       });
-    } else if (mask.scalar_type() == at::kBool) {
-      l1_fwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(pred.const_data_ptr<scalar_t>(),
-                                                                       target.const_data_ptr<scalar_t>(),
-                                                                       mask.const_data_ptr<bool>(), sp, st, sm, d,
-                                                                       part, fin);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      l1_fwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(pred.const_data_ptr<scalar_t>(),
-                                                                        target.const_data_ptr<scalar_t>(),
-                                                                        mask.const_data_ptr<acc_t>(), sp, st, sm, d,
-                                                                        part, fin);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (ticket == nullptr) {
-      l1_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(part, blocks, fin);
+      if (mask.scalar_type() == at::kBool) {
+        l1_fwd_kernel<scalar_t, bool><<<blocks, kThreads, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), sp, st,
+            sm, d, partials.mutable_data_ptr<double>());
+      } else {
+        l1_fwd_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+            pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), mask.const_data_ptr<acc_t>(), sp, st,
+            sm, d, partials.mutable_data_ptr<double>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    l1_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), blocks, normalize,
+                                                           static_cast<double>(d.N), loss.mutable_data_ptr<scalar_t>(),
+                                                           denom.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, denom};
 }
