@@ -98,3 +98,17 @@ def test_shell_scripts_parse(script):
     there would show up late and cost a run."""
     proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_host_path_profiler_runs_on_cpu():
+    """benchmarks/profile_host_path.py, with the C++ backend where built (else the reference)."""
+    backend = "cpp" if extension.load() is None else "reference"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_host_path.py"), "--device", "cpu", "--backend", backend,
+         "--calls", "2", "--top", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    timed = [line for line in proc.stdout.splitlines() if line.endswith("µs/call")]
+    assert len(timed) == 6 and all(float(line.split()[-2]) > 0 for line in timed), proc.stdout[:2000]
+    assert proc.stdout.count(f"{backend}, by tottime") == 2, proc.stdout[-2000:]
