@@ -2,6 +2,9 @@
 where it goes (cProfile). Small images (1x3x128x128), so the device work is a few µs and the
 time per call is the host's: Python, the dispatcher, torch.library's custom-op layers, launches.
 
+For Triton it also times the triton_op path, the one torch.compile takes, which eager calls
+skip (see yoda_sparse/ops/triton_backend.py).
+
 Usage:  python benchmarks/profile_host_path.py [--backend triton] [--device cuda] [--calls 100]
 (on a CPU with TRITON_INTERPRET=1 the Triton kernels are interpreted, so only the profile's
 shape means anything there, not its times).
@@ -45,17 +48,29 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return ops.yoda_step(target, target, target, mask, 40, sched, seed=1, offset=0, backend=backend)
 
+    def per_call(fn, backend):
+        for _ in range(5):
+            fn(backend)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.calls):
+            fn(backend)
+        sync()
+        return (time.perf_counter() - t) / args.calls * 1e6
+
     cases = [("loss fwd+bwd", loss_fwd_bwd), ("loss fwd (no grad)", loss_fwd), ("step, in-kernel noise", step)]
     for name, fn in cases:
         for backend in (args.backend, "reference"):
-            for _ in range(5):
-                fn(backend)
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.calls):
-                fn(backend)
-            sync()
-            print(f"{name:22s} {backend:10s} {(time.perf_counter() - t) / args.calls * 1e6:8.1f} µs/call", flush=True)
+            print(f"{name:22s} {backend:16s} {per_call(fn, backend):8.1f} µs/call", flush=True)
+        if args.backend == "triton":  # the same kernels through the triton_ops, as under torch.compile
+            from yoda_sparse.ops import triton_backend
+
+            fast_path = triton_backend._runs_eagerly
+            triton_backend._runs_eagerly = lambda *tensors: False
+            try:
+                print(f"{name:22s} {'triton (op path)':16s} {per_call(fn, 'triton'):8.1f} µs/call", flush=True)
+            finally:
+                triton_backend._runs_eagerly = fast_path
 
     for name, fn in cases[::2]:
         prof = cProfile.Profile()

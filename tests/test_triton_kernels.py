@@ -389,6 +389,41 @@ def test_opcheck_triton_ops():
         torch.library.opcheck(op, args)
 
 
+@in_this_process
+def test_eager_fast_path_is_the_triton_op(monkeypatch):
+    """Outside torch.compile the public ops call the launchers directly; the triton_ops (the
+    path under torch.compile, fake and functional tensors) give the same bits."""
+    shape = (2, 3, 9, 13)
+    g = _gen(17)
+    pred, target, mask = _randn(shape, g), _randn(shape, g), _mask(shape, g, "float")
+    z, eps, x_bar, smask, noise, lr_noise = _step_inputs(shape, g, torch.float32, True, True)
+    assert triton_backend._runs_eagerly(pred, target, mask)
+
+    def run():
+        p, t = pred.clone().requires_grad_(), target.clone().requires_grad_()
+        loss = ops.masked_l1_loss(p, t, mask, "active", backend="triton")
+        (loss * 0.5).backward()
+        with torch.no_grad():
+            no_grad = ops.masked_l1_loss(pred, target, mask, "sum", backend="triton")
+        steps = [
+            ops.yoda_step(z, eps, x_bar, smask, 40, SCHEDULE, noise=noise, lr_noise=lr_noise, clip_x0=True, backend="triton"),
+            ops.yoda_step(z, eps, None, smask, 40, SCHEDULE, seed=3, offset=5, backend="triton"),
+        ]
+        return [loss, p.grad, t.grad, no_grad, *steps], type(loss.grad_fn).__name__
+
+    fast, fast_node = run()
+    monkeypatch.setattr(triton_backend, "_runs_eagerly", lambda *tensors: False)
+    op, op_node = run()
+    assert fast_node == "_MaskedL1EagerBackward" and fast_node != op_node
+    for a, b in zip(fast, op):
+        assert torch.equal(a, b)
+
+    monkeypatch.undo()
+    compiled = torch.compile(lambda p, t, m: ops.masked_l1_loss(p, t, m, "active", backend="triton") * 2,
+                             backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(pred, target, mask), 2 * fast[0].detach())
+
+
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     # Compile every kernel variant for sm_90 (Triton -> PTX -> cubin, no GPU needed) and trace

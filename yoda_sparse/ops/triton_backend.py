@@ -167,7 +167,46 @@ def _masked_l1_unsupported(pred, target, mask, normalize):
     return _where_unsupported(pred, mask, _L1_INTERPRETED)
 
 
+# ---------------------------------------------------------------------------- eager fast path
+# Outside torch.compile, the public ops call the kernel launchers directly instead of going
+# through the triton_op: torch.library's layers (its Python autograd, the redispatch, the
+# custom-op wrapper's alias check, the dynamo-disabled backend function) cost more host time per
+# call than the launches themselves (benchmarks/profile_host_path.py). Same launchers, same bits.
+# The triton_ops stay the path under torch.compile and wherever a tensor subclass, a dispatch
+# mode (fake or functional tensors) or a torch.func transform is in play, which they handle.
+def _runs_eagerly(*tensors) -> bool:
+    if torch.compiler.is_compiling():  # first: dynamo folds it to True and stops here
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+if _IMPORT_ERROR is None:
+
+    class _MaskedL1Eager(torch.autograd.Function):
+        """Eq. 10 with the Triton launchers as forward and backward (the fast path's autograd)."""
+
+        @staticmethod
+        def forward(ctx, pred, target, mask, normalize):
+            loss, denom = masked_l1_forward(pred, target, mask, normalize)
+            ctx.save_for_backward(pred, target, mask, denom)
+            return loss
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_loss):
+            pred, target, mask, denom = ctx.saved_tensors
+            need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_pred, grad_target = masked_l1_backward(grad_loss, pred, target, mask, denom, need_pred, need_target)
+            return (grad_pred if need_pred else None), (grad_target if need_target else None), None, None
+
+
 def _masked_l1_loss(pred, target, mask, normalize):
+    if _runs_eagerly(pred, target, mask):
+        if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
+            return _MaskedL1Eager.apply(pred, target, mask, normalize)
+        return masked_l1_forward(pred, target, mask, normalize)[0]
     return torch.ops.yoda_sparse.masked_l1_fwd_triton(pred, target, mask, normalize)[0]
 
 
@@ -180,6 +219,10 @@ def _yoda_step_unsupported(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, of
 
 def _yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, clip_x0, clip_range):
     lo, hi = clip_range
+    if _runs_eagerly(z_t, eps_pred, x_bar, mask, noise, lr_noise) and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z_t, eps_pred, x_bar, noise, lr_noise))
+    ):  # the step has no gradient: a graph-recording call keeps the op's error for that
+        return yoda_step_kernel(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, bool(clip_x0), float(lo), float(hi))
     return torch.ops.yoda_sparse.yoda_step_triton(
         z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset,
         float(coeffs["sqrt_recip_ac"]), float(coeffs["sqrt_recipm1_ac"]), float(coeffs["coef1"]),
