@@ -411,7 +411,23 @@ def test_eager_fast_path_is_the_triton_op(monkeypatch):
         ]
         return [loss, p.grad, t.grad, no_grad, *steps], type(loss.grad_fn).__name__
 
+    # The fast path launches with wrap_triton off (no higher-order op per launch), forward and
+    # backward (which autograd may run on another thread), as triton_op's eager path does.
+    from torch._library.triton import is_wrap_triton_enabled
+
+    wrapping = []
+
+    def spy(launch):
+        def launcher(kernel):
+            wrapping.append(is_wrap_triton_enabled())
+            return launch(kernel)
+        return launcher
+
+    monkeypatch.setattr(kl1, "launcher", spy(kl1.launcher))
+    monkeypatch.setattr(kys, "launcher", spy(kys.launcher))
     fast, fast_node = run()
+    assert wrapping == [False] * 7, wrapping  # loss: 2 forward + 1 backward; no-grad loss: 2; 2 steps
+    monkeypatch.undo()
     monkeypatch.setattr(triton_backend, "_runs_eagerly", lambda *tensors: False)
     op, op_node = run()
     assert fast_node == "_MaskedL1EagerBackward" and fast_node != op_node

@@ -174,8 +174,21 @@ def _masked_l1_unsupported(pred, target, mask, normalize):
 # call than the launches themselves (benchmarks/profile_host_path.py). Same launchers, same bits.
 # The triton_ops stay the path under torch.compile and wherever a tensor subclass, a dispatch
 # mode (fake or functional tensors) or a torch.func transform is in play, which they handle.
+#
+# The launches run with wrap_triton disabled, as triton_op's own eager path does: enabled, a
+# wrapped kernel goes through the triton_kernel_wrapper higher-order op (pytree flattening,
+# signature inspection), which made the first version of this path twice as slow as the op
+# path on an H200. The flag is thread-local, so the backward sets it again on autograd's thread.
+try:
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # a torch without it: always the op path
+    _set_wrap_triton_enabled = None
+
+
 def _runs_eagerly(*tensors) -> bool:
     if torch.compiler.is_compiling():  # first: dynamo folds it to True and stops here
+        return False
+    if _set_wrap_triton_enabled is None:
         return False
     if torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active():
         return False
@@ -189,7 +202,8 @@ if _IMPORT_ERROR is None:
 
         @staticmethod
         def forward(ctx, pred, target, mask, normalize):
-            loss, denom = masked_l1_forward(pred, target, mask, normalize)
+            with _set_wrap_triton_enabled(False):
+                loss, denom = masked_l1_forward(pred, target, mask, normalize)
             ctx.save_for_backward(pred, target, mask, denom)
             return loss
 
@@ -198,7 +212,8 @@ if _IMPORT_ERROR is None:
         def backward(ctx, grad_loss):
             pred, target, mask, denom = ctx.saved_tensors
             need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            grad_pred, grad_target = masked_l1_backward(grad_loss, pred, target, mask, denom, need_pred, need_target)
+            with _set_wrap_triton_enabled(False):
+                grad_pred, grad_target = masked_l1_backward(grad_loss, pred, target, mask, denom, need_pred, need_target)
             return (grad_pred if need_pred else None), (grad_target if need_target else None), None, None
 
 
@@ -206,7 +221,8 @@ def _masked_l1_loss(pred, target, mask, normalize):
     if _runs_eagerly(pred, target, mask):
         if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
             return _MaskedL1Eager.apply(pred, target, mask, normalize)
-        return masked_l1_forward(pred, target, mask, normalize)[0]
+        with _set_wrap_triton_enabled(False):
+            return masked_l1_forward(pred, target, mask, normalize)[0]
     return torch.ops.yoda_sparse.masked_l1_fwd_triton(pred, target, mask, normalize)[0]
 
 
@@ -222,7 +238,8 @@ def _yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs
     if _runs_eagerly(z_t, eps_pred, x_bar, mask, noise, lr_noise) and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z_t, eps_pred, x_bar, noise, lr_noise))
     ):  # the step has no gradient: a graph-recording call keeps the op's error for that
-        return yoda_step_kernel(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, bool(clip_x0), float(lo), float(hi))
+        with _set_wrap_triton_enabled(False):
+            return yoda_step_kernel(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs, bool(clip_x0), float(lo), float(hi))
     return torch.ops.yoda_sparse.yoda_step_triton(
         z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset,
         float(coeffs["sqrt_recip_ac"]), float(coeffs["sqrt_recipm1_ac"]), float(coeffs["coef1"]),
