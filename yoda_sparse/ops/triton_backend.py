@@ -1,6 +1,7 @@
 """Triton backend of the YODA ops: ``torch.library.triton_op`` wrappers around the kernels in
 ``yoda_sparse.kernels`` plus their registry entries (priority 30: below the CUDA extension,
-above the C++ CPU backend).
+above the C++ CPU backend). Eager calls of the public ops launch the kernels directly (see
+"eager fast path" below); torch.compile, fake tensors and torch.func go through the ops.
 
 Operators (namespace ``yoda_sparse``):
 
