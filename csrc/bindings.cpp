@@ -58,6 +58,14 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
   m.def(
       "ext_yoda_step(Tensor z, Tensor eps, Tensor? x_bar, Tensor mask, Tensor? noise, Tensor? lr_noise, SymInt seed, "
       "SymInt offset, Tensor params, bool clip_x0) -> Tensor");
+  // Tile-sparse convolution, in place in `out`'s listed tiles (yoda_sparse/ops/sparse_conv.py):
+  // tiles int32 [N, 3] (b, tile_row, tile_col), the first `count` used; padding_mode 0 zeros /
+  // 1 reflect; act, out_act 0 none / 1 silu / 2 mish; accumulate adds the result to out.
+  m.def(
+      "ext_sparse_conv2d(Tensor x, Tensor? x2, Tensor weight, Tensor? bias, Tensor tiles, Tensor? count, "
+      "Tensor(a!) out, int[] tile, int stride, int padding, int padding_mode, int upsample, bool transposed, "
+      "Tensor? norm_mean, Tensor? norm_rstd, Tensor? norm_weight, Tensor? norm_bias, int act, int out_act, "
+      "Tensor? add, Tensor? residual, bool accumulate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(yoda_sparse, Autograd, m) {
@@ -70,6 +78,7 @@ TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cpu);
   m.impl("ext_masked_l1_fwd_grad", &yoda::masked_l1_fwd_grad_cpu);
   m.impl("ext_yoda_step", &yoda::yoda_step_cpu);
+  m.impl("ext_sparse_conv2d", &yoda::sparse_conv2d_cpu);
 }
 
 #ifdef YODA_WITH_CUDA

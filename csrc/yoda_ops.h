@@ -183,6 +183,18 @@ at::Tensor yoda_step_cpu(const at::Tensor& z, const at::Tensor& eps, const std::
                          const std::optional<at::Tensor>& lr_noise, int64_t seed, int64_t offset,
                          const at::Tensor& params, bool clip_x0);
 
+// Tile-sparse convolution (sparse_conv_cpu.cpp): out is written in place in the listed tiles.
+// padding_mode 0 = zeros, 1 = reflect; act/out_act 0 = none, 1 = silu, 2 = mish; accumulate adds
+// the result to out (a residual that is out itself).
+void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& tiles,
+                       const std::optional<at::Tensor>& count, at::Tensor& out, at::IntArrayRef tile, int64_t stride,
+                       int64_t padding, int64_t padding_mode, int64_t upsample, bool transposed,
+                       const std::optional<at::Tensor>& norm_mean, const std::optional<at::Tensor>& norm_rstd,
+                       const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                       int64_t act, int64_t out_act, const std::optional<at::Tensor>& add,
+                       const std::optional<at::Tensor>& residual, bool accumulate);
+
 // ---- autograd of ext_masked_l1_loss (yoda_autograd.cpp; any device, through the dispatcher) --
 at::Tensor masked_l1_loss_autograd(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
                                    int64_t normalize);

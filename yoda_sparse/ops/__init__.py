@@ -2,6 +2,9 @@
 
 * :func:`masked_l1_loss` — eq. 10, the masked L1 noise loss (differentiable).
 * :func:`yoda_step` — eq. 11-14, one masked reverse step t -> t-1.
+* :func:`sparse_conv2d` — a convolution computed only in listed output tiles, in place, with
+  fused prologue (concat, group-norm apply, activation, nearest x2) and epilogue (activation,
+  per-channel add, residual); :func:`tile_list` builds its tile lists without a host sync.
 
 Each op has a pure-PyTorch reference (``yoda_sparse.ops.reference``, the truth) and backends
 registered in ``yoda_sparse.ops.registry`` (CUDA extension, Triton, C++ CPU). Set
@@ -19,6 +22,9 @@ from ..schedule import NoiseSchedule
 __all__ = [
     "masked_l1_loss",
     "yoda_step",
+    "sparse_conv2d",
+    "tile_list",
+    "NormParams",
     "step_coefficients",
     "register_backend",
     "backends",
@@ -238,5 +244,6 @@ registry.register_signature("yoda_step", _yoda_step_signature)
 register_backend("masked_l1_loss", "reference", reference.masked_l1_loss, priority=0, cacheable=True)
 register_backend("yoda_step", "reference", _reference_yoda_step, priority=0, cacheable=True)
 
+from .sparse_conv import NormParams, sparse_conv2d, tile_list  # noqa: E402,F401
 from . import triton_backend  # noqa: E402,F401
 from . import cpp_backend  # noqa: E402,F401

@@ -92,6 +92,12 @@ def _register_python_side() -> None:
         def _step_fake(z, eps, x_bar, mask, noise, lr_noise, seed, offset, params, clip_x0):
             return torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=_output_format(z))
 
+        @torch.library.register_fake("yoda_sparse::ext_sparse_conv2d")
+        def _sparse_conv_fake(x, x2, weight, bias, tiles, count, out, tile, stride, padding, padding_mode,
+                              upsample, transposed, norm_mean, norm_rstd, norm_weight, norm_bias, act, out_act,
+                              add, residual, accumulate):
+            return None
+
         def _l1_setup(ctx, inputs, output):
             pred, target, mask, _normalize = inputs
             _loss, denom = output
@@ -201,6 +207,34 @@ def yoda_step(z_t, eps_pred, x_bar, mask, noise, lr_noise, seed, offset, coeffs,
     )
 
 
+PADDING_CODES = {"zeros": 0, "reflect": 1}
+ACT_CODES = {None: 0, "silu": 1, "mish": 2}
+SPARSE_CONV_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _unsupported_sparse_conv_cpu(x, x2, weight, bias, tiles, count, out, tile, stride, padding, padding_mode,
+                                 upsample, transposed, norm, act, out_act, add, residual):
+    if x.device.type != "cpu":
+        return f"x is on {x.device.type}, this backend runs on cpu"
+    if x.dtype not in SPARSE_CONV_CPU_DTYPES:
+        return f"the CPU kernel takes float32 or float64, got {x.dtype}"
+    return None
+
+
+def sparse_conv2d(x, x2, weight, bias, tiles, count, out, tile, stride, padding, padding_mode, upsample,
+                  transposed, norm, act, out_act, add, residual):
+    """Backend fn of ``sparse_conv2d`` (validated args): writes ``out`` in place."""
+    # a residual that is out itself becomes the kernel's accumulate flag (no aliased inputs)
+    accumulate = residual is not None and residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()
+    torch.ops.yoda_sparse.ext_sparse_conv2d(
+        x, x2, weight, bias, tiles, count, out, list(tile), stride, padding, PADDING_CODES[padding_mode], upsample,
+        transposed, *(norm if norm is not None else (None, None, None, None)), ACT_CODES[act], ACT_CODES[out_act],
+        add, None if accumulate else residual, accumulate)
+    return out
+
+
+register_backend("sparse_conv2d", "cpp", sparse_conv2d, priority=20, unsupported=_unsupported_sparse_conv_cpu,
+                 available=_available_cpu, cacheable=True)
 # cacheable: the loss checks look only at what ops._masked_l1_signature holds
 register_backend("masked_l1_loss", "cpp", masked_l1_loss, priority=20,
                  unsupported=_unsupported_loss("cpu"), available=_available_cpu, cacheable=True)

@@ -34,7 +34,8 @@ JIT_NAME = "yoda_sparse_ext"
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3"]
 LD_FLAGS = ["-fopenmp"]
-SOURCES_CPU = ["bindings.cpp", "masked_l1_cpu.cpp", "yoda_step_cpu.cpp", "noise_cpu.cpp", "yoda_autograd.cpp"]
+SOURCES_CPU = ["bindings.cpp", "masked_l1_cpu.cpp", "yoda_step_cpu.cpp", "noise_cpu.cpp", "yoda_autograd.cpp",
+               "sparse_conv_cpu.cpp"]
 SOURCES_CUDA = ["yoda_ops_cuda.cu"]
 
 _lock = threading.Lock()

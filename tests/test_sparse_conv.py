@@ -1,0 +1,265 @@
+"""ops.sparse_conv2d: every backend against the dense convolution (float64 where the backend
+takes it) and against the reference; inactive outputs untouched bit for bit; tile lists; bad
+input.  Small shapes: the Triton interpreter is slow."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yoda_sparse import ops
+from yoda_sparse.ops import registry
+from yoda_sparse.ops.sparse_conv import NormParams, conv_output_size
+from yoda_sparse.ops.sparse_conv_reference import activation, prologue
+
+# geometry cases the UNets use: (kernel, stride, padding, padding_mode, upsample, transposed)
+GEOMETRIES = {
+    "3x3": (3, 1, 1, "zeros", 1, False),
+    "3x3_reflect": (3, 1, 1, "reflect", 1, False),
+    "1x1": (1, 1, 0, "zeros", 1, False),
+    "3x3_s2": (3, 2, 1, "zeros", 1, False),
+    "3x3_s2_reflect": (3, 2, 1, "reflect", 1, False),
+    "up2_3x3": (3, 1, 1, "zeros", 2, False),
+    "convT_4x4_s2": (4, 2, 1, "zeros", 1, True),
+}
+
+
+def available_backends():
+    names = []
+    for b in registry.backends("sparse_conv2d"):
+        if b.name != "reference" and b.availability() is None:
+            names.append(b.name)
+    return names
+
+
+def dense_truth(x, w, b, geo, *, x2=None, norm=None, act=None, out_act=None, add=None, residual=None):
+    k, s, p, mode, up, tr = geo
+    inp = prologue(x, x2, norm, act)
+    if up > 1:
+        inp = F.interpolate(inp, scale_factor=up, mode="nearest")
+    if tr:
+        y = F.conv_transpose2d(inp, w, b, stride=s, padding=p)
+    else:
+        if mode == "reflect" and p:
+            inp, p = F.pad(inp, (p,) * 4, mode="reflect"), 0
+        y = F.conv2d(inp, w, b, stride=s, padding=p)
+    y = activation(y, out_act)
+    if add is not None:
+        y = y + add[:, :, None, None]
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def make_inputs(geo, dtype, *, B=2, C1=5, C2=0, Co=6, H=11, W=13, seed=0):
+    k, s, p, mode, up, tr = geo
+    g = torch.Generator().manual_seed(seed)
+    if tr or s > 1:  # even sizes for the stride-2 layers, as the UNets have
+        H, W = H + H % 2, W + W % 2
+    x = torch.randn(B, C1, H, W, generator=g, dtype=dtype)
+    x2 = torch.randn(B, C2, H, W, generator=g, dtype=dtype) if C2 else None
+    shape = (C1 + C2, Co, k, k) if tr else (Co, C1 + C2, k, k)
+    w = torch.randn(shape, generator=g, dtype=dtype) / (k * (C1 + C2)) ** 0.5
+    b = torch.randn(Co, generator=g, dtype=dtype)
+    Ho = conv_output_size(H, k, s, p, up, tr)
+    Wo = conv_output_size(W, k, s, p, up, tr)
+    return x, x2, w, b, Ho, Wo
+
+
+def pixel_mask(tile_map, tile, Ho, Wo):
+    th, tw = tile
+    return tile_map.repeat_interleave(th, 1).repeat_interleave(tw, 2)[:, :Ho, :Wo].unsqueeze(1)
+
+
+def call(x, w, b, tiles, out, geo, tile, backend, **kw):
+    k, s, p, mode, up, tr = geo
+    return ops.sparse_conv2d(x, w, b, tiles, out, tile=tile, stride=s, padding=p, padding_mode=mode,
+                             upsample=up, transposed=tr, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("geo_name", list(GEOMETRIES))
+@pytest.mark.parametrize("tile", [(4, 4), (2, 6)])
+def test_reference_equals_dense_convolution_in_listed_tiles_only(geo_name, tile):
+    geo = GEOMETRIES[geo_name]
+    x, _, w, b, Ho, Wo = make_inputs(geo, torch.float64)
+    g = torch.Generator().manual_seed(1)
+    tmap = torch.rand(x.shape[0], -(-Ho // tile[0]), -(-Wo // tile[1]), generator=g) < 0.5
+    tmap[0, -1, -1] = True  # an edge tile that overhangs the image
+    out0 = torch.randn(x.shape[0], w.shape[1] if geo[5] else w.shape[0], Ho, Wo, dtype=torch.float64)
+    out = out0.clone()
+    call(x, w, b, tmap, out, geo, tile, "reference")
+    pix = pixel_mask(tmap, tile, Ho, Wo).expand_as(out)
+    truth = dense_truth(x, w, b, geo)
+    torch.testing.assert_close(out[pix], truth[pix], rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[~pix], out0[~pix])
+
+
+FUSIONS = {
+    "plain": {},
+    "concat_norm_silu_add": dict(x2=True, norm=True, act="silu", add=True),
+    "mish_in_mish_out_residual": dict(act="mish", out_act="mish", residual=True),
+    "everything": dict(x2=True, norm=True, act="silu", out_act="silu", add=True, residual=True),
+    "accumulate_into_out": dict(norm=True, act="silu", residual="out"),
+}
+
+
+def fused_kwargs(spec, x, x2, Co, Ho, Wo, dtype, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    B = x.shape[0]
+    cin = x.shape[1] + (x2.shape[1] if spec.get("x2") else 0)
+    kw = {}
+    if spec.get("x2"):
+        kw["x2"] = x2
+    if spec.get("norm"):
+        G = 1 if cin % 2 else 2
+        kw["norm"] = NormParams(torch.randn(B, G, generator=g, dtype=torch.float64).to(dtype),
+                                (torch.rand(B, G, generator=g, dtype=torch.float64) + 0.5).to(dtype),
+                                torch.randn(cin, generator=g, dtype=dtype), torch.randn(cin, generator=g, dtype=dtype))
+    for name in ("act", "out_act"):
+        if name in spec:
+            kw[name] = spec[name]
+    if spec.get("add"):
+        kw["add"] = torch.randn(B, Co, generator=g, dtype=dtype)
+    if spec.get("residual") is True:
+        kw["residual"] = torch.randn(B, Co, Ho, Wo, generator=g, dtype=dtype)
+    return kw
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("geo_name", list(GEOMETRIES))
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_backend_matches_reference_and_dense(backend, geo_name, fusion):
+    geo = GEOMETRIES[geo_name]
+    spec = FUSIONS[fusion]
+    dtype = torch.float64 if backend == "cpp" else torch.float32
+    if backend == "triton" and geo[5]:
+        pytest.skip("transposed convolutions go to the other backends")
+    x, x2, w, b, Ho, Wo = make_inputs(geo, dtype, C2=3 if spec.get("x2") else 0, Co=6)
+    Co = w.shape[1] if geo[5] else w.shape[0]
+    tile = (4, 4) if not geo[5] else (4, 2)
+    g = torch.Generator().manual_seed(3)
+    tmap = torch.rand(x.shape[0], -(-Ho // tile[0]), -(-Wo // tile[1]), generator=g) < 0.6
+    tmap[1] = ~tmap[0]  # different tiles per image
+    out0 = torch.randn(x.shape[0], Co, Ho, Wo, dtype=dtype)
+    kw = fused_kwargs(spec, x, x2, Co, Ho, Wo, dtype)
+    outs = {}
+    for name in ("reference", backend):
+        out = out0.clone()
+        kwn = dict(kw, residual=out) if spec.get("residual") == "out" else kw
+        call(x, w, b, tmap, out, geo, tile, name, **kwn)
+        outs[name] = out
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(outs[backend], outs["reference"], **tol)
+    pix = pixel_mask(tmap, tile, Ho, Wo).expand_as(out0)
+    assert torch.equal(outs[backend][~pix], out0[~pix]), "inactive outputs must be untouched bit for bit"
+    kwd = {k: v for k, v in kw.items()}
+    if spec.get("residual") == "out":
+        kwd["residual"] = out0
+    truth = dense_truth(x, w, b, geo, **kwd)
+    torch.testing.assert_close(outs[backend][pix], truth[pix], **tol)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends())
+def test_full_tile_list_equals_conv2d_and_empty_list_changes_nothing(backend):
+    geo = GEOMETRIES["3x3"]
+    dtype = torch.float32
+    x, _, w, b, Ho, Wo = make_inputs(geo, dtype, B=1, C1=8, Co=8, H=16, W=16)
+    out = torch.zeros(1, 8, Ho, Wo)
+    call(x, w, b, torch.ones(1, 4, 4, dtype=torch.bool), out, geo, (4, 4), backend)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), rtol=1e-5, atol=1e-5)
+    before = out.clone()
+    call(x, w, b, torch.zeros(1, 4, 4, dtype=torch.bool), out, geo, (4, 4), backend)
+    assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends())
+def test_channels_last_and_non_contiguous_inputs(backend):
+    geo = GEOMETRIES["3x3_reflect"]
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(2, 7, 15, 17, generator=g, dtype=dtype)
+    x = big[:, 1:6, 1:14:, 2:15]  # a strided view, not contiguous in any format
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 5, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(4, generator=g, dtype=dtype)
+    tmap = torch.rand(2, 5, 5, generator=g) < 0.5
+    ref = torch.zeros(2, 4, 13, 13, dtype=dtype)
+    call(x.contiguous(), w, b, tmap, ref, geo, (3, 3), "reference")
+    for inp in (x, x_cl):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            out = torch.zeros(2, 4, 13, 13, dtype=dtype).contiguous(memory_format=fmt)
+            call(inp, w, b, tmap, out, geo, (3, 3), backend)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + available_backends())
+def test_count_limits_the_list(backend):
+    geo = GEOMETRIES["3x3"]
+    x, _, w, b, Ho, Wo = make_inputs(geo, torch.float32, B=1, C1=4, Co=4, H=8, W=8)
+    tiles, count = ops.tile_list(torch.ones(1, 2, 2, dtype=torch.bool))
+    assert count.item() == 4
+    out = torch.zeros(1, 4, 8, 8)
+    call(x, w, b, tiles, out, geo, (4, 4), backend, count=torch.tensor([1], dtype=torch.int32))
+    dense = F.conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(out[..., :4, :4], dense[..., :4, :4], rtol=1e-5, atol=1e-5)
+    assert not out[..., 4:, :].any() and not out[..., :, 4:].any()
+
+
+def test_tile_list_order_capacity_and_count():
+    m = torch.tensor([[[True, False, True], [False, True, False]], [[False, False, False], [True, True, False]]])
+    tiles, count = ops.tile_list(m)
+    assert tiles.dtype == torch.int32 and tiles.shape == (12, 3)
+    assert count.tolist() == [5]
+    assert tiles[:5].tolist() == [[0, 0, 0], [0, 0, 2], [0, 1, 1], [1, 1, 0], [1, 1, 1]]
+    assert (tiles[5:] == -1).all()
+    small, count2 = ops.tile_list(m, capacity=2)
+    assert small.tolist() == [[0, 0, 0], [0, 0, 2]] and count2.item() == 5  # count tells the overflow
+    empty, c0 = ops.tile_list(torch.zeros(1, 2, 2, dtype=torch.bool))
+    assert c0.item() == 0 and (empty == -1).all()
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(4, 4, 3, 3)
+    out = torch.zeros(1, 4, 8, 8)
+    tiles = torch.ones(1, 2, 2, dtype=torch.bool)
+    cases = [
+        (dict(weight=torch.randn(4, 3, 3, 3)), "weight"),
+        (dict(weight=w.double()), "weight"),
+        (dict(out=torch.zeros(1, 4, 7, 8)), "out"),
+        (dict(tile=0), "tile"),
+        (dict(tiles=torch.ones(1, 3, 2, dtype=torch.bool)), "tiles"),
+        (dict(tiles=torch.tensor([[0, 5, 0]], dtype=torch.int32)), "tiles"),
+        (dict(tiles=torch.tensor([[0, 0, 0]], dtype=torch.int64)), "tiles"),
+        (dict(padding_mode="circular"), "padding_mode"),
+        (dict(stride=0), "stride"),
+        (dict(upsample=3), "upsample"),
+        (dict(act="relu"), "act"),
+        (dict(add=torch.zeros(2, 4)), "add"),
+        (dict(residual=torch.zeros(1, 4, 4, 4)), "residual"),
+        (dict(norm=NormParams(torch.zeros(1, 3), torch.ones(1, 3))), "norm"),
+        (dict(x2=torch.randn(1, 2, 7, 8)), "x2"),
+        (dict(x=torch.randn(1, 4, 8, 8, dtype=torch.float64)), "weight"),
+    ]
+    for change, name in cases:
+        kw = dict(x=x, weight=w, bias=None, tiles=tiles, out=out, tile=4)
+        kw.update(change)
+        with pytest.raises((ValueError, TypeError), match=name):
+            ops.sparse_conv2d(kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("tiles"), kw.pop("out"), **kw)
+    with pytest.raises(ValueError, match="tile"):
+        ops.sparse_conv2d(x, torch.randn(4, 4, 4, 4), None, tiles, torch.zeros(1, 4, 16, 16), tile=3, stride=2,
+                          transposed=True)
+
+
+def test_custom_op_schema_and_fake_kernel():
+    from yoda_sparse.ops import cpp_backend
+
+    if cpp_backend.ensure_loaded() is not None:
+        pytest.skip("C++ extension not available")
+    x = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 3, 3)
+    tiles, count = ops.tile_list(torch.ones(1, 2, 2, dtype=torch.bool))
+    out = torch.zeros(1, 4, 8, 8)
+    args = (x, None, w, None, tiles, count, out, [4, 4], 1, 1, 0, 1, False, None, None, None, None, 1, 0, None, None,
+            False)
+    torch.library.opcheck(torch.ops.yoda_sparse.ext_sparse_conv2d.default, args)
