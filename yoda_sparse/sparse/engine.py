@@ -1,0 +1,243 @@
+"""SparseUNet: runs an SR3 or SRDiff UNet for one sampling step on the active tiles of that
+step's mask, reusing cached activations elsewhere.
+
+Per step:
+
+1. the step mask M(t) [B, 1, H, W] is max-pooled to every resolution level (``tile`` pixels
+   at full resolution, halved per level down to ``min_tile``) and dilated by ``halo`` tiles;
+2. each level runs sparse (its tiles only, :func:`yoda_sparse.ops.sparse_conv2d` with the
+   norm/activation/embedding/residual fused around the convolution) or dense (whole maps), as
+   the cost model measured on this device decides for its active fraction; the first step
+   of a run, and every ``refresh_every``-th, runs every level dense and fills the cache;
+3. a step whose mask is all ones (every step once t <= l * T) calls the model itself: exactly
+   the dense network, no overhead.
+
+The cache holds every layer's output for the whole map (memory: :attr:`cache_bytes`). It is
+tied to one input: a new ``x_up``/``cond`` tensor or shape starts a fresh cache, as does
+:meth:`reset` (the samplers build one engine per ``sample`` call).
+
+What is approximate, and measured (benchmarks/RESULTS.md): outside the active tiles the
+cached features come from the last step that computed them, while the state there (the LR
+branch) draws new noise every step; active tiles near the boundary see that stale context
+through their convolutions' halos, the group-norm statistics (``norm_stats``) and the
+attention keys/values.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cost import CostModel
+from .layers import StepContext, UnsupportedLayerError
+from .norm import NORM_STATS
+from .plan import level_tile_maps, level_tile_sizes, LevelPlan
+from .programs import level_sizes, sr3_step, srdiff_step, unet_of
+from ..models.sr3 import SR3UNet
+from ..ops import tile_list
+
+__all__ = ["SparseUNet"]
+
+
+def _positive_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v!r}")
+    return v
+
+
+class SparseUNet:
+    """Sparse execution of a yoda_sparse SR3UNet or SRDiff model.
+
+    Args:
+        model: an ``SR3UNet`` or an ``SRDiff`` (its UNet runs sparse; its RRDB encoder runs once
+            per image in the sampler, as before). Used in eval mode; not modified.
+        tile: tile side in full-resolution pixels at level 0 (halved per level).
+        min_tile: smallest tile side at deep levels, in level pixels (>= 2 for SRDiff's
+            transposed upsampling).
+        halo: dilation of every level's active tiles, in tiles.
+        norm_stats: "current" (group-norm statistics over the current map every step) or
+            "frozen" (those of the last dense step); see yoda_sparse.sparse.norm.
+        refresh_every: run a whole dense step every k steps (0: never after the first).
+        cost_model: a :class:`CostModel` (default: measured on this device, cached on disk),
+            or a float: one fixed dense threshold for every level (2.0: never dense; 0.0:
+            always dense).
+        backend: force a backend of ``ops.sparse_conv2d`` (default: the registry's choice).
+    """
+
+    def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int = 2, halo: int = 0,
+                 norm_stats: str = "current", refresh_every: int = 0, cost_model: CostModel | float | None = None,
+                 backend: str | None = None):
+        self.model = model
+        self.unet = unet_of(model)
+        self.family = "sr3" if isinstance(self.unet, SR3UNet) else "srdiff"
+        self.tile = _positive_int("tile", tile)
+        self.min_tile = _positive_int("min_tile", min_tile, 2 if self.family == "srdiff" else 1)
+        if self.family == "srdiff" and (tile & (tile - 1)):
+            raise ValueError(f"tile: SRDiff's transposed upsampling needs a power of two, got {tile}")
+        self.halo = _positive_int("halo", halo, 0)
+        if norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {norm_stats!r}")
+        self.norm_stats = norm_stats
+        self.refresh_every = _positive_int("refresh_every", refresh_every, 0)
+        if cost_model is None:
+            cost_model = CostModel()
+        elif isinstance(cost_model, (int, float)) and not isinstance(cost_model, bool):
+            cost_model = CostModel(fixed=float(cost_model))
+        elif not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model: expected a CostModel, a float threshold or None, got {type(cost_model).__name__}")
+        self.cost_model = cost_model
+        self.backend = backend
+        self.maps: dict[str, torch.Tensor] = {}
+        self.frozen_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.history: list[dict] = []
+        self._weights: dict[int, tuple[int, int, torch.Tensor]] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every cached activation (the next step runs dense)."""
+        self.maps.clear()
+        self.frozen_stats.clear()
+        self.history = []
+        self._input_key = None
+        self._filled = False
+        self._step = 0
+        self._cond_hr = None
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the activation cache."""
+        return sum(t.numel() * t.element_size() for t in self.maps.values())
+
+    def weight(self, conv: nn.Module) -> torch.Tensor:
+        """The convolution's weight, channels_last (converted once; again if it changed)."""
+        w = conv.weight
+        entry = self._weights.get(id(conv))
+        if entry is None or entry[0] != w.data_ptr() or entry[1] != w._version:
+            entry = (w.data_ptr(), w._version, w.detach().contiguous(memory_format=torch.channels_last))
+            self._weights[id(conv)] = entry
+        return entry[2]
+
+    def _level_channels(self) -> list[int]:
+        u = self.unet
+        if self.family == "sr3":
+            return [blocks[-1].out_channels for blocks in u.down_blocks]
+        return [blocks[-1].out_channels for blocks in u.down_blocks]
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor, mask: torch.Tensor, *, noise_level: torch.Tensor | None = None,
+                x_up: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's noise prediction for state ``z`` [B, 3, H, W], computed on the active
+        tiles of ``mask`` (bool [B, 1, H, W], the step's M(t)).
+
+        SR3: pass ``x_up`` (the upsampled LR image, [-1, 1]) and ``noise_level`` [B].
+        SRDiff: pass ``t`` [B] and ``cond`` (the RRDB encoder's features of the LR image).
+        Returns eps [B, 3, H, W] (contiguous); only its active pixels are meaningful.
+        """
+        self._check(z, mask, noise_level, x_up, t, cond)
+        B, _, H, W = z.shape
+        key = (tuple(z.shape), z.dtype, z.device, id(x_up), id(cond))
+        if key != self._input_key:
+            self.reset()
+            self._input_key = key
+            self._keep = (x_up, cond)  # keeps the ids above from being reused while cached
+        sizes = level_sizes(self.unet, H, W)
+        record = {"step": self._step, "fractions": None, "dense": None, "model": False}
+        if bool(mask.all()):
+            # every pixel active: the model itself; the cache is not kept up to date by it
+            eps = self._model_eps(z, noise_level, x_up, t, cond)
+            self._filled = False
+            record.update(fractions=[1.0] * len(sizes), dense=[True] * len(sizes), model=True)
+        else:
+            plans = self._plans(mask, sizes, z)
+            ctx = StepContext(self, plans)
+            zc = z.contiguous(memory_format=torch.channels_last)
+            if self.family == "sr3":
+                eps = sr3_step(ctx, self.unet, x_up.contiguous(memory_format=torch.channels_last), zc, noise_level)
+            else:
+                if self._cond_hr is None:
+                    self._cond_hr = self.unet.cond_proj(cond).contiguous(memory_format=torch.channels_last)
+                eps = srdiff_step(ctx, self.unet, zc, t, self._cond_hr)
+            eps = eps.contiguous()
+            self._filled = True
+            record.update(fractions=[p.fraction for p in plans], dense=[p.dense for p in plans])
+        self.history.append(record)
+        self._step += 1
+        return eps
+
+    __call__ = predict
+
+    def _model_eps(self, z, noise_level, x_up, t, cond):
+        if self.family == "sr3":
+            return self.unet(torch.cat([x_up, z], dim=1), noise_level)
+        return self.unet(z, t, cond)
+
+    def _plans(self, mask: torch.Tensor, sizes, z) -> list[LevelPlan]:
+        maps = level_tile_maps(mask, len(sizes), self.tile, self.min_tile, self.halo)
+        tiles = level_tile_sizes(len(sizes), self.tile, self.min_tile)
+        refresh = not self._filled or (self.refresh_every and self._step % self.refresh_every == 0)
+        channels = self._level_channels()
+        plans = []
+        for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
+            frac = float(tm.float().mean())
+            if refresh:
+                dense = True
+            else:
+                thr = self.cost_model.threshold(z.device, z.dtype, z.shape[0], channels[lvl], size, t, self.backend)
+                dense = frac >= thr
+            plan = LevelPlan(lvl, size, t, tm, frac, dense)
+            if not dense:
+                plan.tiles, plan.count = tile_list(tm)
+            plans.append(plan)
+        return plans
+
+    def _check(self, z, mask, noise_level, x_up, t, cond) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() != 4:
+            raise ValueError(f"z: expected a tensor [B, C, H, W], got {getattr(z, 'shape', type(z).__name__)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z: expected a float tensor, got {z.dtype}")
+        B, _, H, W = z.shape
+        m = self.unet.size_multiple
+        if H % m or W % m:
+            raise ValueError(f"z: H and W must be multiples of {m} for this UNet, got {H}x{W}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor (the step's M(t)), got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if tuple(mask.shape) != (B, 1, H, W):
+            raise ValueError(f"mask: expected shape {(B, 1, H, W)}, got {tuple(mask.shape)}")
+        if mask.device != z.device:
+            raise ValueError(f"mask: expected a tensor on z's device {z.device}, got {mask.device}")
+        if self.family == "sr3":
+            if x_up is None or noise_level is None:
+                raise ValueError("x_up and noise_level: an SR3 UNet needs both")
+            if tuple(x_up.shape) != tuple(z.shape) or x_up.dtype != z.dtype or x_up.device != z.device:
+                raise ValueError(f"x_up: expected z's shape/dtype/device {tuple(z.shape)} {z.dtype}, got "
+                                 f"{tuple(x_up.shape)} {x_up.dtype}")
+            if tuple(noise_level.shape) != (B,):
+                raise ValueError(f"noise_level: expected shape ({B},), got {tuple(noise_level.shape)}")
+        else:
+            if t is None or cond is None:
+                raise ValueError("t and cond: an SRDiff UNet needs both")
+            if tuple(t.shape) != (B,):
+                raise ValueError(f"t: expected shape ({B},), got {tuple(t.shape)}")
+            if cond.shape[0] != B:
+                raise ValueError(f"cond: expected batch {B}, got {tuple(cond.shape)}")
+
+    # ------------------------------------------------------------------ summaries
+    def summary(self) -> dict:
+        """Mean active fraction per level and the share of steps each level ran dense."""
+        steps = [h for h in self.history if h["fractions"] is not None]
+        if not steps:
+            return {"steps": 0}
+        levels = len(steps[0]["fractions"])
+        return {
+            "steps": len(steps),
+            "model_steps": sum(h["model"] for h in steps),
+            "level_fraction": [sum(h["fractions"][lv] for h in steps) / len(steps) for lv in range(levels)],
+            "level_dense_share": [sum(h["dense"][lv] for h in steps) / len(steps) for lv in range(levels)],
+            "cache_bytes": self.cache_bytes,
+        }
+
+
+__all__ += ["UnsupportedLayerError"]
