@@ -66,6 +66,9 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
       "Tensor(a!) out, int[] tile, int stride, int padding, int padding_mode, int upsample, bool transposed, "
       "Tensor? norm_mean, Tensor? norm_rstd, Tensor? norm_weight, Tensor? norm_bias, int act, int out_act, "
       "Tensor? add, Tensor? residual, bool accumulate) -> ()");
+  // Group-norm statistics of cat(x, x2) along channels: (mean, 1/sqrt(var + eps)) per
+  // (image, group), float32 (float64 for float64 maps); the sparse engine's "current" norms.
+  m.def("ext_group_stats(Tensor x, Tensor? x2, int groups, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(yoda_sparse, Autograd, m) {
@@ -79,6 +82,7 @@ TORCH_LIBRARY_IMPL(yoda_sparse, CPU, m) {
   m.impl("ext_masked_l1_fwd_grad", &yoda::masked_l1_fwd_grad_cpu);
   m.impl("ext_yoda_step", &yoda::yoda_step_cpu);
   m.impl("ext_sparse_conv2d", &yoda::sparse_conv2d_cpu);
+  m.impl("ext_group_stats", &yoda::group_stats_cpu);
 }
 
 #ifdef YODA_WITH_CUDA
@@ -87,5 +91,6 @@ TORCH_LIBRARY_IMPL(yoda_sparse, CUDA, m) {
   m.impl("ext_masked_l1_fwd", &yoda::masked_l1_fwd_cuda);
   m.impl("ext_masked_l1_bwd", &yoda::masked_l1_bwd_cuda);
   m.impl("ext_yoda_step", &yoda::yoda_step_cuda);
+  m.impl("ext_sparse_conv2d", &yoda::sparse_conv2d_cuda);
 }
 #endif

@@ -17,11 +17,13 @@
 #include "yoda_ops.h"
 
 #include "cpu_rows.h"
+#include "sparse_conv_plan.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,16 +41,22 @@ namespace {
 
 enum Act : int64_t { kActNone = 0, kActSilu = 1, kActMish = 2 };
 
-// Upper bound of one chunk's strip (bytes); a single segment may exceed it.
-constexpr int64_t kChunkBytes = int64_t(4) << 20;
+using sparse_conv::ConvGeometry;
+using sparse_conv::Segment;
+using sparse_conv::ceil_div;
+using sparse_conv::floor_div;
+using sparse_conv::source_index;
 
 // exp(x) for float, written so that loops over it vectorise (no libm call): Cody-Waite range
 // reduction and a degree-6 polynomial; within ~2 ulp of expf on [-87, 88], saturating outside.
-inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+// always_inline: a plain inline function is not inlined into the target_clones' AVX2/AVX-512
+// copies (a different target), and a call per element stops vectorisation
+__attribute__((always_inline)) inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f + 0.5f;
-  int n = static_cast<int>(t);
-  n -= (t < static_cast<float>(n));  // floor
+  const int32_t ti = static_cast<int32_t>(t);
+  const int32_t n = ti - (t < static_cast<float>(ti) ? 1 : 0);  // floor
   const float fn = static_cast<float>(n);
   float r = x - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
@@ -59,16 +67,13 @@ inline float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * std::bit_cast<float>((n + 127) << 23);
 }
 
 inline double exp_poly(double x) { return std::exp(x); }
 
 template <int ACT, typename acc_t>
-inline acc_t activate(acc_t v) {
+__attribute__((always_inline)) inline acc_t activate(acc_t v) {
   if constexpr (ACT == kActSilu) {
     return v / (acc_t(1) + exp_poly(-v));
   } else if constexpr (ACT == kActMish) {
@@ -178,107 +183,6 @@ void scatter_pixels_any(int64_t act, bool add, bool res, scalar_t* dst, int64_t 
   else { YODA_SCATTER_ACT(false, false); }
 #undef YODA_SCATTER_ACT
 #undef YODA_SCATTER
-}
-
-// One run of adjacent active tiles in one tile row of one image, and where it sits in the strip.
-struct Segment {
-  int64_t b;
-  int64_t r0, rows;        // first output row, valid output rows (<= th)
-  int64_t x0, w;           // first output column, output columns
-  int64_t vy0, vx0;        // virtual-input row/column of the window's first strip row/column
-  int64_t in_col, in_w;    // strip input columns [in_col, in_col + in_w)
-  int64_t out_row, out_col;  // strip output row/column of the segment's first output
-};
-
-struct ConvGeometry {
-  int64_t k, s, p, u;
-  bool transposed, reflect;
-  int64_t H, W;      // x's size
-  int64_t Hv, Wv;    // the virtual input's size (x upsampled by u)
-  int64_t th, tw;
-  int64_t Ho, Wo;
-};
-
-inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
-
-// Sorted, de-duplicated (b, row, col) tiles -> segments with their strip placement.
-std::vector<Segment> make_segments(const at::Tensor& tiles, int64_t n, const ConvGeometry& g, int64_t B,
-                                   int64_t* strip_h) {
-  const at::Tensor t = tiles.narrow(0, 0, n).contiguous();
-  const int32_t* tp = t.const_data_ptr<int32_t>();
-  const int64_t nH = ceil_div(g.Ho, g.th), nW = ceil_div(g.Wo, g.tw);
-  std::vector<int64_t> keys;
-  keys.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t b = tp[3 * i], r = tp[3 * i + 1], c = tp[3 * i + 2];
-    TORCH_CHECK(b >= 0 && b < B && r >= 0 && r < nH && c >= 0 && c < nW, "tiles: row ", i, " = (", b, ", ", r, ", ",
-                c, ") is outside b < ", B, ", tile_row < ", nH, ", tile_col < ", nW);
-    keys.push_back((b * nH + r) * nW + c);
-  }
-  std::sort(keys.begin(), keys.end());
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
-  std::vector<Segment> segs;
-  const int64_t s = g.s, k = g.k, p = g.p;
-  for (size_t i = 0; i < keys.size();) {
-    size_t j = i + 1;
-    while (j < keys.size() && keys[j] == keys[j - 1] + 1 && keys[j] % nW != 0) ++j;
-    const int64_t key = keys[i];
-    Segment sg;
-    sg.b = key / (nH * nW);
-    const int64_t r = (key / nW) % nH, c0 = key % nW, c1 = c0 + static_cast<int64_t>(j - i);
-    sg.r0 = r * g.th;
-    sg.rows = std::min(g.th, g.Ho - sg.r0);
-    sg.x0 = c0 * g.tw;
-    sg.w = std::min(c1 * g.tw, g.Wo) - sg.x0;
-    if (!g.transposed) {
-      // output o reads virtual input o*s - p .. o*s - p + k - 1
-      sg.vy0 = sg.r0 * s - p;
-      sg.vx0 = sg.x0 * s - p;
-      sg.in_w = (sg.w - 1) * s + k;
-    } else {
-      // output o = i*s - p + kk: outputs [x0, x0 + w) need inputs ceil((x0 + p - k + 1)/s) ..
-      // floor((x0 + w - 1 + p)/s); windows of neighbouring segments never reach each other's
-      // outputs, so they pack without a gap
-      sg.vy0 = ceil_div(sg.r0 + p - k + 1, s);
-      sg.vx0 = ceil_div(sg.x0 + p - k + 1, s);
-      sg.in_w = floor_div(sg.x0 + sg.w - 1 + p, s) - sg.vx0 + 1;
-    }
-    segs.push_back(sg);
-    i = j;
-  }
-  *strip_h = g.transposed ? floor_div(g.th - 1 + p, s) - ceil_div(p - k + 1, s) + 1 : (g.th - 1) * s + k;
-  return segs;
-}
-
-// Place segments side by side in one strip: their input columns and output positions.
-void place_segments(std::vector<Segment>& segs, const ConvGeometry& g, int64_t* strip_w) {
-  const int64_t s = g.s, p = g.p;
-  int64_t col = 0;
-  for (Segment& sg : segs) {
-    if (!g.transposed) {
-      col = ceil_div(col, s) * s;  // strip output column j reads input columns j*s ..
-      sg.in_col = col;
-      sg.out_row = 0;
-      sg.out_col = col / s;
-    } else {
-      sg.in_col = col;
-      sg.out_row = sg.r0 + p - sg.vy0 * s;
-      sg.out_col = col * s + sg.x0 + p - sg.vx0 * s;
-    }
-    col += sg.in_w;
-  }
-  *strip_w = std::max<int64_t>(col, g.transposed ? 1 : g.k);
-}
-
-// Index into the virtual input along one axis, or -1 where the padding is zero.
-inline int64_t source_index(int64_t v, int64_t n_virtual, int64_t u, bool reflect) {
-  if (v < 0 || v >= n_virtual) {
-    if (!reflect) return -1;
-    v = v < 0 ? -v : 2 * (n_virtual - 1) - v;
-    if (v < 0 || v >= n_virtual) return -1;  // beyond one reflection: only feeds cropped outputs
-  }
-  return v / u;
 }
 
 template <typename scalar_t>
@@ -422,7 +326,7 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
   const int64_t B = x.size(0);
   const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0);
   int64_t SH = 0;
-  std::vector<Segment> segs = make_segments(tiles, n, g, B, &SH);
+  std::vector<Segment> segs = sparse_conv::make_segments(tiles, n, g, B, &SH);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -450,27 +354,20 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     const std::vector<acc_t> addv = per_image_channel<scalar_t>(add, B, out.size(1));
     const std::vector<int64_t> st{stride, stride}, zero{0, 0}, one{1, 1};
     // Chunks of segments, each gathered, convolved and scattered in turn: a chunk's strip and
-    // its convolution output stay small enough (kChunkBytes) for the caches and for malloc to
+    // its convolution output stay small enough (chunk_bytes()) for the caches and for malloc to
     // reuse its memory, where one strip of a large map costs a fresh mmap, hence a page fault
     // per 4 KiB, on every call (measured: a third of the gather time at 256x256x128).
     const int64_t col_bytes = SH * C * static_cast<int64_t>(sizeof(scalar_t));
-    size_t first = 0;
-    while (first < segs.size()) {
-      size_t last = first + 1;
-      int64_t cols = segs[first].in_w;
-      while (last < segs.size() && (cols + segs[last].in_w + g.s) * col_bytes <= kChunkBytes) {
-        cols += segs[last].in_w + g.s;
-        ++last;
-      }
-      std::vector<Segment> chunk(segs.begin() + first, segs.begin() + last);
-      int64_t chunk_w = 0;
-      place_segments(chunk, g, &chunk_w);
+    int64_t full = 0, quantum = 0;
+    sparse_conv::chunk_widths(col_bytes, weight.numel() * weight.element_size(), g, &full, &quantum);
+    for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full, quantum)) {
+      const std::vector<Segment>& chunk = ch.segs;
+      const int64_t chunk_w = ch.width;
       at::Tensor strip = at::empty({1, C, SH, chunk_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
       gather<scalar_t>(chunk, g, x, x2, scale, shift, act, strip);
       at::Tensor y = transposed ? at::conv_transpose2d(strip, w, bias, st, zero, zero, 1, one)
                                 : at::conv2d(strip, w, bias, st, zero, one, 1);
       scatter<scalar_t>(chunk, y, out_act, addv, residual, accumulate, out);
-      first = last;
     }
   });
 }

@@ -195,6 +195,11 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
                        int64_t act, int64_t out_act, const std::optional<at::Tensor>& add,
                        const std::optional<at::Tensor>& residual, bool accumulate);
 
+// Group-norm statistics of cat(x, x2) (group_stats_cpu.cpp): (mean, rstd) [B, groups] in the
+// accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> group_stats_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
+                                                   int64_t groups, double eps);
+
 // ---- autograd of ext_masked_l1_loss (yoda_autograd.cpp; any device, through the dispatcher) --
 at::Tensor masked_l1_loss_autograd(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
                                    int64_t normalize);
@@ -204,6 +209,14 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_fwd_cuda(const at::Tensor& pred, co
                                                       const at::Tensor& mask, int64_t normalize);
 at::Tensor masked_l1_bwd_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                               const at::Tensor& mask, const at::Tensor& denom);
+void sparse_conv2d_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& tiles,
+                        const std::optional<at::Tensor>& count, at::Tensor& out, at::IntArrayRef tile, int64_t stride,
+                        int64_t padding, int64_t padding_mode, int64_t upsample, bool transposed,
+                        const std::optional<at::Tensor>& norm_mean, const std::optional<at::Tensor>& norm_rstd,
+                        const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                        int64_t act, int64_t out_act, const std::optional<at::Tensor>& add,
+                        const std::optional<at::Tensor>& residual, bool accumulate);
 at::Tensor yoda_step_cuda(const at::Tensor& z, const at::Tensor& eps, const std::optional<at::Tensor>& x_bar,
                           const at::Tensor& mask, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Tensor>& lr_noise, int64_t seed, int64_t offset,

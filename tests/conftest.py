@@ -17,6 +17,13 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the sparse engine's cost model caches its measurements in the user's cache folder: the
+# tests keep theirs in a temporary one
+if "YODA_SPARSE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["YODA_SPARSE_CACHE"] = tempfile.mkdtemp(prefix="yoda-sparse-test-cache-")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

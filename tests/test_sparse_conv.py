@@ -192,6 +192,25 @@ def test_channels_last_and_non_contiguous_inputs(backend):
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("geo_name", ["3x3", "3x3_s2", "convT_4x4_s2", "up2_3x3"])
+def test_cpp_strips_split_long_segments(monkeypatch, geo_name):
+    """Tiny strips (YODA_SPARSE_CONV_STRIP_BYTES) cut rows of tiles across several strips, each
+    piece with its own halo; the result is unchanged."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("YODA_SPARSE_CONV_STRIP_BYTES", "2000")
+    geo = GEOMETRIES[geo_name]
+    x, x2, w, b, Ho, Wo = make_inputs(geo, torch.float64, B=2, C1=3, C2=2, Co=4, H=14, W=30)
+    tile = (2, 2)
+    tmap = torch.rand(2, -(-Ho // 2), -(-Wo // 2), generator=torch.Generator().manual_seed(4)) < 0.8
+    outs = []
+    for backend in ("reference", "cpp"):
+        out = torch.zeros(2, 4, Ho, Wo, dtype=torch.float64)
+        call(x, w, b, tmap, out, geo, tile, backend, x2=x2, act="silu")
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["reference"] + available_backends())
 def test_count_limits_the_list(backend):
     geo = GEOMETRIES["3x3"]

@@ -1,4 +1,4 @@
-"""`yoda-sparse` command line: demo, masks, train, eval, upscale, info.
+"""`yoda-sparse` command line: demo, masks, train, eval, upscale, bench, info.
 
 Errors print as one line on stderr with a non-zero exit; ``--debug`` shows the traceback.
 """
@@ -22,6 +22,10 @@ def _cmd_demo(args) -> int:
         print("[sr] no demo checkpoint found; skipping the super-resolution part", file=sys.stderr)
         return 0
     sr_demo(out, ckpt, image=args.sr_image, steps=args.steps, size=args.size, seed=args.seed)
+    if args.timing_size > 0:
+        from .demo import timing_demo
+
+        timing_demo(image=args.sr_image, size=args.timing_size, steps=args.timing_steps, seed=args.seed)
     return 0
 
 
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=100, help="respace sampling to this many steps (default 100)")
     d.add_argument("--size", type=int, default=128, help="HR size of the SR demo's centre crop")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--timing-size", type=int, default=256,
+                   help="image side for timing the published SR3 architecture dense vs sparse (0: skip)")
+    d.add_argument("--timing-steps", type=int, default=20, help="sampling steps of that timing")
     d.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("masks", help="attention maps, mask schedule and update ratios on a bundled image")
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train", "train SR3/SRDiff (+YODA) on image folders"),
         ("eval", "evaluate", "PSNR/SSIM/LPIPS, update ratio and refined-area curves of a checkpoint"),
         ("upscale", "upscale", "super-resolve image files with a checkpoint"),
+        ("bench", "bench", "dense vs sparse YODA sampling time on this device"),
     ):
         q = sub.add_parser(name, help=help_)
         mod = __import__(f"yoda_sparse.{module}", fromlist=["add_arguments"])

@@ -233,6 +233,8 @@ class _DiffusionSR(abc.ABC):
         seed: int | None = None,
         progress: bool = True,
         backend: str | None = None,
+        engine: str = "dense",
+        engine_options: dict | None = None,
     ) -> SampleResult:
         """Ancestral sampling, dense (attn None) or YODA (eq. 11-14), of the whole batch.
 
@@ -243,12 +245,17 @@ class _DiffusionSR(abc.ABC):
         and every step's noise is generated inside the step kernel (counter-based Philox at
         offset ``step * numel``): no noise tensor is drawn, copied or read per step, the fast
         path on a GPU; reproducible per backend.
+        engine: "dense" runs the whole UNet every step; "sparse" runs it on the active tiles
+        of each step's mask with cached activations elsewhere (:class:`yoda_sparse.sparse.
+        SparseUNet`, options in ``engine_options``); "auto" is sparse for YODA sampling of a
+        model the engine supports, else dense. Each call starts a fresh engine cache.
         """
         from tqdm.auto import tqdm
 
         _check_images("lr", lr)
         if seed is not None and generator is not None:
             raise ValueError("pass either generator or seed, not both")
+        sparse_engine = self._sparse_engine(engine, engine_options, yoda_run=attn is not None)
         B = lr.shape[0]
         H, W = lr.shape[2] * self.scale, lr.shape[3] * self.scale
         sched = self.schedule if steps is None else self.schedule.respace(int(steps))
@@ -284,7 +291,10 @@ class _DiffusionSR(abc.ABC):
             t = sched.num_steps - i
             m = masks.mask(i) if masks is not None else full
             inp = z * m if (masks is not None and self.yoda.masked_input) else z
-            eps = self._predict_noise(inp, train_t_dev[i].expand(B), levels[t - 1].expand(B), x_up, cond)
+            if sparse_engine is not None:
+                eps = sparse_engine(inp, m, **self._engine_inputs(train_t_dev[i].expand(B), levels[t - 1].expand(B), x_up, cond))
+            else:
+                eps = self._predict_noise(inp, train_t_dev[i].expand(B), levels[t - 1].expand(B), x_up, cond)
             noise_kw = dict(seed=seed, offset=(i + 1) * z.numel()) if seed is not None else dict(noise=randn())
             z = ops.yoda_step(
                 z, eps.to(z.dtype), x_bar, m, t, sched, **noise_kw,
@@ -294,7 +304,33 @@ class _DiffusionSR(abc.ABC):
             frac = masks.active_fraction.cpu()
         else:
             frac = torch.ones((sched.num_steps, B), dtype=torch.float64)
-        return SampleResult(self._to_image(z, x_up), frac, frac.mean(0), train_t.cpu())
+        extras = {"engine": "sparse" if sparse_engine is not None else "dense"}
+        if sparse_engine is not None:
+            extras["engine_summary"] = sparse_engine.summary()
+        return SampleResult(self._to_image(z, x_up), frac, frac.mean(0), train_t.cpu(), extras)
+
+    def _sparse_engine(self, engine: str, options: dict | None, *, yoda_run: bool):
+        """A fresh SparseUNet for "sparse" (and for "auto" on a YODA run), else None."""
+        if engine not in ("dense", "sparse", "auto"):
+            raise ValueError(f"engine: expected 'dense', 'sparse' or 'auto', got {engine!r}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"engine_options: expected a dict of SparseUNet options, got {type(options).__name__}")
+        if engine == "dense" or (engine == "auto" and not yoda_run):
+            if options:
+                raise ValueError("engine_options: only with engine='sparse' or 'auto'")
+            return None
+        from .sparse import SparseUNet, UnsupportedLayerError
+
+        try:
+            return SparseUNet(self.model, **(options or {}))
+        except UnsupportedLayerError:
+            if engine == "auto":
+                return None
+            raise
+
+    @abc.abstractmethod
+    def _engine_inputs(self, t_train, level, x_up, cond) -> dict:
+        """The keyword inputs of SparseUNet.predict besides the state and the mask."""
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extra(self) -> dict:
@@ -334,6 +370,9 @@ class SR3Diffusion(_DiffusionSR):
     def _predict_noise(self, z, t_train, level, x_up, cond):
         return self.model(torch.cat([x_up, z], dim=1), level)
 
+    def _engine_inputs(self, t_train, level, x_up, cond):
+        return {"noise_level": level, "x_up": x_up}
+
     def _to_image(self, z0, x_up):
         return ((z0 + 1) / 2).clamp(0, 1)
 
@@ -361,6 +400,9 @@ class SRDiffDiffusion(_DiffusionSR):
 
     def _predict_noise(self, z, t_train, level, x_up, cond):
         return self.model.denoise(z, t_train, cond)
+
+    def _engine_inputs(self, t_train, level, x_up, cond):
+        return {"t": t_train, "cond": cond}
 
     def _to_image(self, z0, x_up):
         return ((x_up + z0 / self.res_rescale + 1) / 2).clamp(0, 1)

@@ -246,4 +246,5 @@ register_backend("yoda_step", "reference", _reference_yoda_step, priority=0, cac
 
 from .sparse_conv import NormParams, sparse_conv2d, tile_list  # noqa: E402,F401
 from . import triton_backend  # noqa: E402,F401
+from . import triton_sparse_conv  # noqa: E402,F401
 from . import cpp_backend  # noqa: E402,F401

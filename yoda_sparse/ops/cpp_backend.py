@@ -98,6 +98,11 @@ def _register_python_side() -> None:
                               add, residual, accumulate):
             return None
 
+        @torch.library.register_fake("yoda_sparse::ext_group_stats")
+        def _group_stats_fake(x, x2, groups, eps):
+            acc = _acc_dtype(x.dtype)
+            return x.new_empty((x.shape[0], groups), dtype=acc), x.new_empty((x.shape[0], groups), dtype=acc)
+
         def _l1_setup(ctx, inputs, output):
             pred, target, mask, _normalize = inputs
             _loss, denom = output
@@ -221,6 +226,17 @@ def _unsupported_sparse_conv_cpu(x, x2, weight, bias, tiles, count, out, tile, s
     return None
 
 
+def _unsupported_sparse_conv_cuda(x, x2, weight, bias, tiles, count, out, tile, stride, padding, padding_mode,
+                                  upsample, transposed, norm, act, out_act, add, residual):
+    if x.device.type != "cuda":
+        return f"x is on {x.device.type}, this backend runs on cuda"
+    if x.dtype not in DTYPES:
+        return f"needs float32/float16/bfloat16/float64, got {x.dtype}"
+    if not extension.has_kernel("ext_sparse_conv2d", "CUDA"):
+        return f"the loaded extension ({extension.mode()}) has no CUDA sparse convolution"
+    return None
+
+
 def sparse_conv2d(x, x2, weight, bias, tiles, count, out, tile, stride, padding, padding_mode, upsample,
                   transposed, norm, act, out_act, add, residual):
     """Backend fn of ``sparse_conv2d`` (validated args): writes ``out`` in place."""
@@ -235,6 +251,11 @@ def sparse_conv2d(x, x2, weight, bias, tiles, count, out, tile, stride, padding,
 
 register_backend("sparse_conv2d", "cpp", sparse_conv2d, priority=20, unsupported=_unsupported_sparse_conv_cpu,
                  available=_available_cpu, cacheable=True)
+# below Triton (30): this one synchronises the host once per call to plan its strips, where the
+# Triton kernel reads the tile count on the device (CUDA graphs); which is faster is measured by
+# benchmarks/bench_sparse_conv.py on a GPU
+register_backend("sparse_conv2d", "cuda_ext", sparse_conv2d, priority=25, unsupported=_unsupported_sparse_conv_cuda,
+                 available=_available_cuda, cacheable=True)
 # cacheable: the loss checks look only at what ops._masked_l1_signature holds
 register_backend("masked_l1_loss", "cpp", masked_l1_loss, priority=20,
                  unsupported=_unsupported_loss("cpu"), available=_available_cpu, cacheable=True)

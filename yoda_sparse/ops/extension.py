@@ -29,14 +29,16 @@ import torch
 NO_JIT_ENV = "YODA_SPARSE_NO_JIT"
 JIT_NAME = "yoda_sparse_ext"
 
-# Flags shared with setup.py.  -fno-math-errno lets the noise loop vectorise; -ffp-contract=off
-# keeps the Philox normals bit-identical to the CUDA ones (csrc/philox.h).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+# Flags shared with setup.py.  -fno-math-errno lets the noise loop vectorise; -fno-trapping-math
+# (as PyTorch's own kernels are built) lets the sparse convolution's activation loops vectorise
+# (if-conversion of their clamps and selects; no value changes); -ffp-contract=off keeps the
+# Philox normals bit-identical to the CUDA ones (csrc/philox.h).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3"]
 LD_FLAGS = ["-fopenmp"]
 SOURCES_CPU = ["bindings.cpp", "masked_l1_cpu.cpp", "yoda_step_cpu.cpp", "noise_cpu.cpp", "yoda_autograd.cpp",
-               "sparse_conv_cpu.cpp"]
-SOURCES_CUDA = ["yoda_ops_cuda.cu"]
+               "sparse_conv_cpu.cpp", "group_stats_cpu.cpp"]
+SOURCES_CUDA = ["yoda_ops_cuda.cu", "sparse_conv_cuda.cu"]
 
 _lock = threading.Lock()
 _state: dict = {}

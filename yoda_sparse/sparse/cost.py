@@ -3,8 +3,9 @@
 For a level of C channels and H x W pixels (batch B, dtype, device), one representative layer
 (a 3x3 C -> C convolution with group-norm + SiLU on its input and a per-channel add on its
 output, the body of a ResBlock) is timed three ways: dense (what the model runs), sparse over
-all tiles, and sparse over half of them. Sparse time is modelled as ``a + b * f`` for an
-active-tile fraction f; the level runs dense from the fraction where that line crosses the
+all tiles, and sparse over half of them. Sparse time is modelled as ``a + b * w`` for the
+share w of output columns a sparse step computes (``plan.sparse_work``: active tiles plus the
+halo columns of each run); the level runs dense from the share where that line crosses the
 dense time on (``threshold``; above 1 when sparse is cheaper even with every tile active).
 
 Thresholds are cached in memory and in a JSON file (``$YODA_SPARSE_CACHE`` or
@@ -24,8 +25,11 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..atomic import atomic_write
+from .plan import sparse_work
 
 __all__ = ["CostModel", "cost_cache_path"]
+
+_VERSION = 2  # of what is measured: entries of another version are measured again
 
 
 def cost_cache_path() -> Path:
@@ -51,7 +55,7 @@ class CostModel:
     threshold for every level (e.g. 1.01: always sparse unless every tile is active... and
     never dense then either; 0.0: always dense)."""
 
-    def __init__(self, *, path: Path | None = None, fixed: float | None = None, persist: bool = True, rounds: int = 3):
+    def __init__(self, *, path: Path | None = None, fixed: float | None = None, persist: bool = True, rounds: int = 5):
         self.path = cost_cache_path() if path is None else Path(path)
         self.fixed = fixed
         self.persist = persist
@@ -69,8 +73,8 @@ class CostModel:
         return self._table
 
     def key(self, device, dtype, batch: int, channels: int, size: tuple[int, int], tile: int, backend) -> str:
-        return "|".join(map(str, (_device_name(torch.device(device)), torch.__version__, dtype, batch, channels,
-                                  size[0], size[1], tile, backend or "auto")))
+        return "|".join(map(str, (f"v{_VERSION}", _device_name(torch.device(device)), torch.__version__, dtype, batch,
+                                  channels, size[0], size[1], tile, backend or "auto")))
 
     def threshold(self, device, dtype, batch: int, channels: int, size: tuple[int, int], tile: int,
                   backend: str | None = None) -> float:
@@ -109,8 +113,9 @@ class CostModel:
         full = torch.ones(batch, n_h, n_w, dtype=torch.bool, device=device)
         half = full.clone()
         half.view(batch, -1)[:, (n_h * n_w) // 2:] = False
-        f_half = float(half.float().mean())
-        lists = {1.0: ops.tile_list(full), f_half: ops.tile_list(half)}
+        f_half = sparse_work(half[:1], tile, W)
+        f_full = sparse_work(full[:1], tile, W)
+        lists = {"full": ops.tile_list(full), "half": ops.tile_list(half)}
 
         def dense():
             y = F.conv2d(F.silu(F.group_norm(x, groups)), w, bias, padding=1)
@@ -121,7 +126,7 @@ class CostModel:
             return ops.sparse_conv2d(x, w, bias, tiles, out, count=count, tile=tile, norm=norm, act="silu",
                                      add=add, backend=backend)
 
-        fns = {"dense": dense, "full": lambda: sparse(1.0), "half": lambda: sparse(f_half)}
+        fns = {"dense": dense, "full": lambda: sparse("full"), "half": lambda: sparse("half")}
         times = {k: [] for k in fns}
         for fn in fns.values():
             fn()
@@ -135,11 +140,11 @@ class CostModel:
                     torch.cuda.synchronize(device)
                 times[k].append(time.perf_counter() - t0)
         t = {k: statistics.median(v) for k, v in times.items()}
-        slope = (t["full"] - t["half"]) / max(1.0 - f_half, 1e-9)
-        intercept = t["full"] - slope
+        slope = (t["full"] - t["half"]) / max(f_full - f_half, 1e-9)
+        intercept = t["full"] - slope * f_full
         if slope <= 0:
             threshold = 0.0 if t["full"] >= t["dense"] else 2.0
         else:
             threshold = (t["dense"] - intercept) / slope
         return {"dense_s": t["dense"], "sparse_full_s": t["full"], "sparse_half_s": t["half"],
-                "half_fraction": f_half, "threshold": threshold}
+                "full_work": f_full, "half_work": f_half, "threshold": threshold}

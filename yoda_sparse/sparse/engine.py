@@ -28,14 +28,34 @@ import torch
 from torch import nn
 
 from .cost import CostModel
-from .layers import StepContext, UnsupportedLayerError
+from .layers import StepContext, UnsupportedLayerError, activation_name
 from .norm import NORM_STATS
-from .plan import level_tile_maps, level_tile_sizes, LevelPlan
+from .plan import LevelPlan, level_tile_maps, level_tile_sizes, sparse_work
 from .programs import level_sizes, sr3_step, srdiff_step, unet_of
+from ..models.layers import ResBlock, SelfAttention
 from ..models.sr3 import SR3UNet
 from ..ops import tile_list
 
 __all__ = ["SparseUNet"]
+
+
+def check_supported(unet: nn.Module) -> None:
+    """Raise UnsupportedLayerError naming the first layer the engine cannot run sparse."""
+    for name, mod in unet.named_modules():
+        if isinstance(mod, ResBlock):
+            if mod.affine_embedding:
+                raise UnsupportedLayerError(f"{name}: ResBlock with affine_embedding (FiLM) is not supported by the "
+                                            f"sparse engine; sample this model with engine='dense'")
+            activation_name(mod.act, f"{name}.act")
+            for norm_name in ("norm1", "norm2"):
+                norm = getattr(mod, norm_name)
+                if not isinstance(norm, (nn.GroupNorm, nn.Identity)):
+                    raise UnsupportedLayerError(f"{name}.{norm_name}: {type(norm).__name__} is not supported (GroupNorm)")
+                if not mod.pre_activation and isinstance(norm, nn.GroupNorm):
+                    raise UnsupportedLayerError(f"{name}.{norm_name}: a conv-first ResBlock with GroupNorm "
+                                                f"(norm_groups > 0) is not supported by the sparse engine")
+        elif isinstance(mod, SelfAttention) and not isinstance(mod.norm, nn.GroupNorm):
+            raise UnsupportedLayerError(f"{name}.norm: attention without GroupNorm is not supported")
 
 
 def _positive_int(name: str, v, minimum: int = 1) -> int:
@@ -69,6 +89,7 @@ class SparseUNet:
         self.model = model
         self.unet = unet_of(model)
         self.family = "sr3" if isinstance(self.unet, SR3UNet) else "srdiff"
+        check_supported(self.unet)
         self.tile = _positive_int("tile", tile)
         self.min_tile = _positive_int("min_tile", min_tile, 2 if self.family == "srdiff" else 1)
         if self.family == "srdiff" and (tile & (tile - 1)):
@@ -181,12 +202,13 @@ class SparseUNet:
         plans = []
         for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
             frac = float(tm.float().mean())
+            work = sparse_work(tm, t, size[1])
             if refresh:
                 dense = True
             else:
                 thr = self.cost_model.threshold(z.device, z.dtype, z.shape[0], channels[lvl], size, t, self.backend)
-                dense = frac >= thr
-            plan = LevelPlan(lvl, size, t, tm, frac, dense)
+                dense = work >= thr
+            plan = LevelPlan(lvl, size, t, tm, frac, dense, work)
             if not dense:
                 plan.tiles, plan.count = tile_list(tm)
             plans.append(plan)

@@ -22,9 +22,23 @@ __all__ = ["NORM_STATS", "group_stats", "norm_params"]
 NORM_STATS = ("current", "frozen")
 
 
+_EXT: list = []
+
+
+def _extension_ready() -> bool:
+    if not _EXT:
+        from ..ops import cpp_backend
+
+        _EXT.append(cpp_backend.ensure_loaded() is None)
+    return _EXT[0]
+
+
 def group_stats(x: torch.Tensor, x2: torch.Tensor | None, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, rstd) float32 [B, G] of cat(x, x2) along channels (float64 inputs stay float64),
-    with groups of C // G consecutive channels (which may straddle x and x2)."""
+    with groups of C // G consecutive channels (which may straddle x and x2). On the CPU the
+    C++ kernel reads each map once (torch.var_mean over a channels_last map is ~20x slower)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _extension_ready():
+        return torch.ops.yoda_sparse.ext_group_stats(x, x2, groups, float(eps))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     parts = [x] if x2 is None else [x, x2]
     # per-channel mean and mean of squares, then combined per group (exact for any split)

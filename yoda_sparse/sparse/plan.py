@@ -25,7 +25,9 @@ class LevelPlan:
     dense: compute whole maps (the first step, refresh steps, and levels where the cost model
         says dense is cheaper); then ``tiles`` etc. are None.
     tile_map: bool [B, nH, nW] active tiles; tiles/count: its :func:`ops.tile_list`;
-    tile: tile side in level pixels; fraction: active tiles / all tiles (mean over the batch).
+    tile: tile side in level pixels; fraction: active tiles / all tiles (mean over the batch);
+    work: the share of a dense convolution's output columns a sparse one computes, counting
+    the two halo columns every run of adjacent tiles adds (:func:`sparse_work`).
     """
 
     level: int
@@ -34,6 +36,7 @@ class LevelPlan:
     tile_map: torch.Tensor
     fraction: float
     dense: bool
+    work: float = 1.0
     tiles: torch.Tensor | None = None
     count: torch.Tensor | None = None
     _pixels: torch.Tensor | None = None
@@ -68,6 +71,18 @@ def level_tile_maps(mask: torch.Tensor, levels: int, tile: int, min_tile: int, h
             tm = F.max_pool2d(tm, kernel_size=2 * halo + 1, stride=1, padding=halo)
         maps.append(tm[:, 0] > 0)
     return maps
+
+
+def sparse_work(tile_map: torch.Tensor, tile: int, width: int, halo_columns: int = 2) -> float:
+    """Output columns a sparse 3x3 convolution computes over a level, relative to a dense one:
+    every run of adjacent active tiles in a tile row costs ``tile`` columns per tile plus
+    ``halo_columns`` that straddle its window and the next one's (benchmarks/RESULTS.md)."""
+    tm = tile_map
+    starts = tm.clone()
+    starts[..., 1:] &= ~tm[..., :-1]
+    active_cols = (tm.sum(-1) * tile).clamp(max=width)
+    cols = active_cols + halo_columns * starts.sum(-1)
+    return float(cols.float().mean()) / width
 
 
 def make_plans(mask: torch.Tensor, sizes: list[tuple[int, int]], tile: int, min_tile: int, halo: int,

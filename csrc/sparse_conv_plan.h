@@ -1,0 +1,205 @@
+// The host-side plan of the tile-sparse convolution, shared by the CPU and CUDA kernels
+// (sparse_conv_cpu.cpp, sparse_conv_cuda.cu): listed tiles -> row segments -> their places in
+// a strip (see sparse_conv_cpu.cpp for the scheme), and the chunking of segments into strips.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#ifdef __CUDACC__
+#define YODA_HOST_DEVICE __host__ __device__
+#else
+#define YODA_HOST_DEVICE
+#endif
+
+namespace yoda {
+namespace sparse_conv {
+
+// Bytes of one strip (4 MiB: it stays in cache between the gather and the convolution, and
+// malloc reuses its memory). YODA_SPARSE_CONV_STRIP_BYTES overrides it (the tests use small
+// strips to exercise the splitting of segments across strips).
+inline int64_t chunk_bytes() {
+  const char* env = std::getenv("YODA_SPARSE_CONV_STRIP_BYTES");
+  const long long v = env ? std::atoll(env) : 0;
+  return v > 0 ? static_cast<int64_t>(v) : (int64_t(4) << 20);
+}
+
+// One run of adjacent active tiles in one tile row of one image, and where it sits in the strip.
+struct Segment {
+  int64_t b;
+  int64_t r0, rows;        // first output row, valid output rows (<= th)
+  int64_t x0, w;           // first output column, output columns
+  int64_t vy0, vx0;        // virtual-input row/column of the window's first strip row/column
+  int64_t in_col, in_w;    // strip input columns [in_col, in_col + in_w)
+  int64_t out_row, out_col;  // strip output row/column of the segment's first output
+};
+
+struct ConvGeometry {
+  int64_t k, s, p, u;
+  bool transposed, reflect;
+  int64_t H, W;      // x's size
+  int64_t Hv, Wv;    // the virtual input's size (x upsampled by u)
+  int64_t th, tw;
+  int64_t Ho, Wo;
+};
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Sorted, de-duplicated (b, row, col) tiles -> segments with their strip placement.
+inline std::vector<Segment> make_segments(const at::Tensor& tiles, int64_t n, const ConvGeometry& g, int64_t B,
+                                   int64_t* strip_h) {
+  const at::Tensor t = tiles.narrow(0, 0, n).contiguous();
+  const int32_t* tp = t.const_data_ptr<int32_t>();
+  const int64_t nH = ceil_div(g.Ho, g.th), nW = ceil_div(g.Wo, g.tw);
+  std::vector<int64_t> keys;
+  keys.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = tp[3 * i], r = tp[3 * i + 1], c = tp[3 * i + 2];
+    TORCH_CHECK(b >= 0 && b < B && r >= 0 && r < nH && c >= 0 && c < nW, "tiles: row ", i, " = (", b, ", ", r, ", ",
+                c, ") is outside b < ", B, ", tile_row < ", nH, ", tile_col < ", nW);
+    keys.push_back((b * nH + r) * nW + c);
+  }
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  std::vector<Segment> segs;
+  const int64_t s = g.s, k = g.k, p = g.p;
+  for (size_t i = 0; i < keys.size();) {
+    size_t j = i + 1;
+    while (j < keys.size() && keys[j] == keys[j - 1] + 1 && keys[j] % nW != 0) ++j;
+    const int64_t key = keys[i];
+    Segment sg;
+    sg.b = key / (nH * nW);
+    const int64_t r = (key / nW) % nH, c0 = key % nW, c1 = c0 + static_cast<int64_t>(j - i);
+    sg.r0 = r * g.th;
+    sg.rows = std::min(g.th, g.Ho - sg.r0);
+    sg.x0 = c0 * g.tw;
+    sg.w = std::min(c1 * g.tw, g.Wo) - sg.x0;
+    if (!g.transposed) {
+      // output o reads virtual input o*s - p .. o*s - p + k - 1
+      sg.vy0 = sg.r0 * s - p;
+      sg.vx0 = sg.x0 * s - p;
+      sg.in_w = (sg.w - 1) * s + k;
+    } else {
+      // output o = i*s - p + kk: outputs [x0, x0 + w) need inputs ceil((x0 + p - k + 1)/s) ..
+      // floor((x0 + w - 1 + p)/s); windows of neighbouring segments never reach each other's
+      // outputs, so they pack without a gap
+      sg.vy0 = ceil_div(sg.r0 + p - k + 1, s);
+      sg.vx0 = ceil_div(sg.x0 + p - k + 1, s);
+      sg.in_w = floor_div(sg.x0 + sg.w - 1 + p, s) - sg.vx0 + 1;
+    }
+    segs.push_back(sg);
+    i = j;
+  }
+  *strip_h = g.transposed ? floor_div(g.th - 1 + p, s) - ceil_div(p - k + 1, s) + 1 : (g.th - 1) * s + k;
+  return segs;
+}
+
+// Index into the virtual input along one axis, or -1 where the padding is zero.
+YODA_HOST_DEVICE inline int64_t source_index(int64_t v, int64_t n_virtual, int64_t u, bool reflect) {
+  if (v < 0 || v >= n_virtual) {
+    if (!reflect) return -1;
+    v = v < 0 ? -v : 2 * (n_virtual - 1) - v;
+    if (v < 0 || v >= n_virtual) return -1;  // beyond one reflection: only feeds cropped outputs
+  }
+  return v / u;
+}
+
+// The input window of outputs [x0, x0 + w) of one band: its first virtual column and width.
+inline void window(int64_t x0, int64_t w, const ConvGeometry& g, int64_t* vx0, int64_t* in_w) {
+  if (!g.transposed) {
+    *vx0 = x0 * g.s - g.p;
+    *in_w = (w - 1) * g.s + g.k;
+  } else {
+    *vx0 = ceil_div(x0 + g.p - g.k + 1, g.s);
+    *in_w = floor_div(x0 + w - 1 + g.p, g.s) - *vx0 + 1;
+  }
+}
+
+// One strip: its segments (placed) and its width in input columns.
+struct Chunk {
+  std::vector<Segment> segs;
+  int64_t width = 0;
+};
+
+// Strip widths of a layer: `full` columns per chunk, the last chunk rounded up to a multiple of
+// `quantum`. A strip holds chunk_bytes(), or twice the weights where those are larger: every
+// convolution call reorders its weights into the library's blocked layout (measured: a
+// 1024 -> 512 3x3 layer over three strips took 11% longer than over one), so layers with
+// large weights get fewer, larger strips.
+inline void chunk_widths(int64_t col_bytes, int64_t weight_bytes, const ConvGeometry& g, int64_t* full,
+                         int64_t* quantum) {
+  const int64_t min_w = g.k + 2 * g.s * std::max(g.tw, int64_t(1));
+  const int64_t bytes = std::max(chunk_bytes(), 2 * weight_bytes);
+  int64_t f = std::max<int64_t>(bytes / std::max<int64_t>(col_bytes, 1), 16);
+  f = std::max<int64_t>(f >= 32 ? f / 16 * 16 : f, min_w);
+  *full = f;
+  *quantum = std::max<int64_t>(16, f / 16);
+}
+
+// Cut the segments into strips of exactly `full` columns (the last one rounded up to a multiple
+// of `quantum`), splitting a segment where a strip ends (each piece with its own halo), and place
+// them: input columns, output row/column. A layer's strips then take at most full / quantum + 1
+// widths whatever the mask: oneDNN (and cuDNN) build one primitive per shape, and building new
+// ones every step (JIT code generation) cost more than the sparse convolution saved.
+inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t full,
+                                      int64_t quantum) {
+  std::vector<Chunk> chunks(1);
+  int64_t col = 0;
+  const int64_t s = g.s, p = g.p;
+  for (const Segment& sg : segs) {
+    int64_t from = 0;
+    while (from < sg.w) {
+      const int64_t start = g.transposed ? col : ceil_div(col, s) * s;
+      const int64_t room = full - start;
+      const int64_t left = sg.w - from;
+      int64_t w = 0, vx0 = 0, in_w = 0;
+      if (!g.transposed) {
+        w = room >= g.k ? std::min(left, (room - g.k) / s + 1) : 0;
+      } else {
+        w = std::min(left, std::max<int64_t>(room, 0) * s);
+        while (w > 0) {
+          window(sg.x0 + from, w, g, &vx0, &in_w);
+          if (in_w <= room) break;
+          --w;
+        }
+      }
+      if (w <= 0) {  // this strip is full: start the next one
+        chunks.back().width = full;
+        chunks.emplace_back();
+        col = 0;
+        continue;
+      }
+      Segment pc = sg;
+      pc.x0 = sg.x0 + from;
+      pc.w = w;
+      window(pc.x0, w, g, &pc.vx0, &pc.in_w);
+      pc.in_col = start;
+      if (!g.transposed) {
+        pc.out_row = 0;
+        pc.out_col = start / s;  // strip output column j reads input columns j*s ..
+      } else {
+        pc.out_row = pc.r0 + p - pc.vy0 * s;
+        pc.out_col = start * s + pc.x0 + p - pc.vx0 * s;
+      }
+      chunks.back().segs.push_back(pc);
+      col = start + pc.in_w;
+      from += w;
+    }
+  }
+  if (chunks.back().segs.empty()) {
+    chunks.pop_back();
+  } else {
+    const int64_t need = std::max<int64_t>(col, g.transposed ? 1 : g.k);
+    chunks.back().width = std::min(full, ceil_div(need, quantum) * quantum);
+    chunks.back().width = std::max(chunks.back().width, need);
+  }
+  return chunks;
+}
+
+}  // namespace sparse_conv
+}  // namespace yoda
