@@ -112,7 +112,8 @@ def test_sdist_tests_run_from_the_unpacked_sdist(dists, tmp_path):
     pytest_cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(src)]
     env = {"YODA_SPARSE_NO_JIT": "1"}
     out = _run(pytest_cmd + ["--collect-only", "tests"], cwd=src, env=env, timeout=300)
-    assert re.search(r"\d+ tests? collected", out) and "error" not in out.lower(), out[-3000:]
+    summary = out.strip().splitlines()[-1]  # "757 tests collected in 7.66s", or "..., 1 error ..."
+    assert re.match(r"\d+ tests? collected in", summary) and "error" not in summary, out[-3000:]
     out = _run(pytest_cmd + ["tests/test_packaging.py::test_shell_scripts_parse"], cwd=src, env=env, timeout=300)
     assert "6 passed" in out, out[-2000:]
 
@@ -202,6 +203,30 @@ def test_the_build_command_is_named_alike_at_install_and_at_first_use():
     assert _load_setup_py().BUILD_COMMAND == extension.BUILD_COMMAND
 
 
+def test_an_install_without_the_extension_says_so_before_compiling_it(monkeypatch):
+    """pip shows a successful build's output only with -v: an install built without torch
+    says so itself, naming the command, before the minutes of a just-in-time build."""
+    real_find_spec = importlib.util.find_spec
+    real_import = extension.importlib.import_module
+
+    def no_prebuilt(name, *args):
+        if name == "yoda_sparse._C":
+            raise ImportError("No module named 'yoda_sparse._C'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(extension.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "yoda_sparse._C" else real_find_spec(name, *a))
+    monkeypatch.setattr(extension.importlib, "import_module", no_prebuilt)
+    monkeypatch.setattr(extension, "_jit_build", lambda: "JIT build failed: (not run by this test)")
+    monkeypatch.delenv(extension.NO_JIT_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"no prebuilt yoda_sparse._C .* compiling the C\+\+ kernels just in time") as rec:
+        reason = extension._load()
+    assert extension.BUILD_COMMAND in str(rec[0].message) and extension.BUILD_COMMAND in reason
+    monkeypatch.setenv(extension.NO_JIT_ENV, "1")
+    reason = extension._load()
+    assert extension.BUILD_COMMAND in reason and f"{extension.NO_JIT_ENV}=1" in reason
+
+
 def test_torch_is_found_where_pip_installs_while_its_isolation_hides_it(tmp_path):
     """Under pip's build isolation (PYTHONPATH to the isolated tools, PYTHONNOUSERSITE) setup.py
     asks the interpreter pip runs for where its torch is, without those variables."""
@@ -265,9 +290,12 @@ def _imports(path: Path):
     parents = {}
 
     def walk(node, chain):
+        # a try or an if guards the statements of its body only (not handlers, else, finally)
+        guarded_body = {id(n) for n in node.body} if isinstance(node, (ast.Try, ast.If)) else set()
         for child in ast.iter_child_nodes(node):
-            parents[child] = chain
-            walk(child, chain + (node,) if isinstance(node, (ast.Try, ast.If)) else chain)
+            inner = chain + (node,) if id(child) in guarded_body else chain
+            parents[child] = inner
+            walk(child, inner)
 
     walk(tree, ())
     for node in ast.walk(tree):
