@@ -102,8 +102,9 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], num_pr
     then samples output row i at input row ``(i + 0.5) * n / (gh + 0.1) - 0.5``, and that is what
     DINO's maps are made with (the 0.1 keeps ``floor(n * scale)`` from falling below gh).  timm's
     ``resample_abs_pos_embed`` asks for the output size (and antialiases): the same at the trained
-    grid, but up to ~1e-2 apart in peaked attention maps at other grids.  The prefix (CLS) part
-    is kept.  Returns ``[1, prefix + gh*gw, C]`` in pos_embed's dtype.
+    grid, different elsewhere (tests/fixtures/dino_vits8/README.md has the measured differences).
+    The prefix (CLS) part is kept.  Computed in float32 at least; returns
+    ``[1, prefix + gh*gw, C]`` in pos_embed's dtype.
     """
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must have shape [1, tokens, C], got {tuple(pos_embed.shape)}")
@@ -119,8 +120,9 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], num_pr
         return pos_embed
     dim = patches.shape[-1]
     square = patches.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    square = square.to(torch.promote_types(square.dtype, torch.float32))  # no bicubic for float16 on CPU
     resampled = F.interpolate(square, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic",
-                              align_corners=False)
+                              align_corners=False).to(pos_embed.dtype)
     if tuple(resampled.shape[-2:]) != (gh, gw):  # cannot happen for grids up to thousands of patches
         raise RuntimeError(f"position embedding resampled to {tuple(resampled.shape[-2:])}, expected {(gh, gw)}")
     return torch.cat([prefix, resampled.permute(0, 2, 3, 1).reshape(1, gh * gw, dim)], dim=1)
