@@ -26,7 +26,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing pinned requirements (torch 2.14.1, ...) into $venv"
-"$venv/bin/python" -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel
+"$venv/bin/python" -m pip install -q --upgrade "pip>=24" "setuptools>=77"
 "$venv/bin/python" -m pip install -q -r "$root/requirements-pinned.txt"
 echo "[setup] building and installing yoda-sparse (C++/CUDA extension: a few minutes the first time)"
 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$root[metrics,dev]"

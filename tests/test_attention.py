@@ -5,7 +5,10 @@ scikit-image's bundled data."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +32,7 @@ from yoda_sparse.attention import (
     minmax_normalize,
 )
 from yoda_sparse.attention import weights as weights_mod
+from yoda_sparse.attention.dino import interpolate_pos_embed
 
 EXPECTED_NAMES = (
     [f"dino_vits8_head{i}" for i in range(6)] + ["dino_vits8_avg", "dino_vits8_max"]
@@ -179,7 +183,8 @@ def test_dino_default_input_size_resizes_short_side_to_224(cls, vit_file, resnet
     file = vit_file if cls is DinoViTAttention else resnet_file
     ext = cls("avg", weights=file, input_size=112)  # 224 is the default; 112 keeps the test fast
     assert cls("avg", weights=file).input_size == 224
-    assert ext.backbone_size(72, 88) == ((112, 136) if cls is DinoViTAttention else (112, 137))
+    assert ext.resized_size(72, 88) == (112, 136) and ext.resized_size(88, 72) == (136, 112)  # Resize(112)
+    assert ext.backbone_size(72, 88) == (112, 136)
     images = upsampled_batch(("coffee", "face"), (72, 88))
     out = ext(images)
     check_map(out, images)
@@ -244,9 +249,13 @@ def test_head_maps_max_avg_relation_and_aggregation(which, request, batch_odd):
     assert (aggregate_heads(up, "max") >= aggregate_heads(up, "avg") - 1e-6).all()
 
 
-def test_vit_head_maps_match_timm_unfused_attention(vit, batch64):
+def test_vit_head_maps_match_timm_unfused_attention(vit_file):
     """Independent reference: timm's own non-fused attention probabilities of the last block,
-    captured at its attn_drop, CLS row over the patch tokens."""
+    captured at its attn_drop, CLS row over the patch tokens.  At 224 x 224 (the trained 28 x 28
+    grid) timm and DINO build the same tokens; elsewhere timm resamples the position embedding
+    its own way (test_vit_maps_equal_dinos_own_at_any_size covers those sizes)."""
+    vit = DinoViTAttention("max", weights=vit_file, input_size=None)
+    images = upsampled_batch(("astronaut",), (224, 224))
     model = vit.model
     attn = model.blocks[-1].attn
     captured = {}
@@ -255,16 +264,102 @@ def test_vit_head_maps_match_timm_unfused_attention(vit, batch64):
     attn.fused_attn = False
     try:
         with torch.no_grad():
-            x = (batch64 - vit.mean) / vit.std
-            model.forward_features(x)
+            model.forward_features((images - vit.mean) / vit.std)
     finally:
         attn.fused_attn = fused
         handle.remove()
-    ref = captured["p"][:, :, 0, 1:].reshape(2, NUM_HEADS, 8, 8)
-    hm = vit.head_maps(batch64)
+    ref = captured["p"][:, :, 0, 1:].reshape(1, NUM_HEADS, 28, 28)
+    hm = vit.head_maps(images)
     torch.testing.assert_close(hm, ref, atol=1e-6, rtol=1e-4)
     # CLS attention over patches is a part of a probability row
     assert (hm.sum((-2, -1)) <= 1 + 1e-5).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# DINO's own maps: tests/fixtures/dino_vits8 holds DINO's get_last_selfattention (run by DINO's
+# code, float64) for synthetic weights at six sizes; see its README for how it was made.
+# ---------------------------------------------------------------------------------------------
+
+FIXTURE = Path(__file__).parent / "fixtures" / "dino_vits8"
+
+
+@pytest.fixture(scope="module")
+def dino_fixture(tmp_path_factory):
+    from safetensors import safe_open
+
+    spec = importlib.util.spec_from_file_location("dino_synthetic", FIXTURE / "synthetic.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    with safe_open(str(FIXTURE / "dino_vits8_maps.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.device("meta"):
+        shapes = [(k, tuple(v.shape)) for k, v in DinoViTAttention(pretrained=False).model.state_dict().items()]
+    weights = synthetic.synthetic_state_dict(shapes)
+    assert synthetic.digest(weights) == meta["weights_sha256"], "the synthetic weights are not those the fixture was made with"
+    path = tmp_path_factory.mktemp("dino") / "synthetic_vits8.pth"
+    torch.save(weights, path)
+    cases = []
+    for name in json.loads(meta["cases"]):
+        size = json.loads(meta[f"{name}.input_size"])
+        cases.append((name, tuple(size) if isinstance(size, list) else size,
+                      tensors[f"{name}.image"], tensors[f"{name}.maps"]))
+    return path, cases
+
+
+def test_vit_maps_equal_dinos_own_at_any_size(dino_fixture):
+    """Cropping, resizing and the position-embedding interpolation as DINO's code does them: in
+    float64 the maps equal DINO's to float32 rounding; in float32 to ~1e-3 (these synthetic
+    weights make attention peaked and so amplify rounding; timm's resampling of the position
+    embedding, used before, differed by 0.31 to 0.97 on the same cases)."""
+    path, cases = dino_fixture
+    assert [c[0] for c in cases] == ["crop_61x90", "rect_72x88", "short_side_112", "square_224",
+                                     "patches_784_not_square", "pair_100x100"]
+    for name, input_size, image, expected in cases:
+        ext = DinoViTAttention("max", weights=path, input_size=input_size)
+        h, w = ext.backbone_size(*image.shape[-2:])
+        assert expected.shape[-2:] == (h // 8, w // 8), name
+        maps64 = ext.double().head_maps(image.double() / 255)
+        torch.testing.assert_close(maps64.double(), expected, atol=1e-7, rtol=0, msg=lambda m: f"{name}: {m}")
+        maps32 = ext.float().head_maps(image.float() / 255)
+        torch.testing.assert_close(maps32.double(), expected, atol=2e-3, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_interpolate_pos_embed_follows_dino_not_timm():
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 28 * 28, 16, dtype=torch.float64)
+    assert interpolate_pos_embed(pos, (28, 28)) is pos  # the trained grid: untouched
+    out = interpolate_pos_embed(pos, (9, 11))
+    assert out.shape == (1, 1 + 99, 16) and torch.equal(out[:, :1], pos[:, :1])
+    # 784 patches in another shape are interpolated too (DINO skips only the trained square)
+    assert not torch.equal(interpolate_pos_embed(pos, (14, 56))[:, 1:15], pos[:, 1:15])
+    timm = resample_abs_pos_embed(pos, (9, 11), num_prefix_tokens=1)
+    assert (timm - out).abs().max() > 1e-2  # what the maps differed by before
+    with pytest.raises(ValueError, match="pos_embed"):
+        interpolate_pos_embed(pos[:, :-1], (9, 11))
+    with pytest.raises(ValueError, match="grid"):
+        interpolate_pos_embed(pos, (0, 11))
+
+
+def test_vit_crops_to_multiples_of_8_and_fills_the_strip(vit):
+    """input_size=None on 61 x 90: the backbone sees the top-left 56 x 88 (DINO's crop, not a
+    resize to 64 x 88); the maps cover those pixels and the cut-off rows/columns repeat the last
+    covered ones."""
+    images = upsampled_batch(("coffee", "chelsea"), (61, 90))
+    assert vit.resized_size(61, 90) == (61, 90) and vit.backbone_size(61, 90) == (56, 88)
+    hm = vit.head_maps(images)
+    assert hm.shape == (2, NUM_HEADS, 7, 11)
+    torch.testing.assert_close(hm, vit.head_maps(images[..., :56, :88]), atol=0, rtol=0)  # the crop
+    full = vit.maps_to_image(hm, 61, 90)
+    assert full.shape == (2, NUM_HEADS, 61, 90)
+    torch.testing.assert_close(full[..., :56, :88], F.interpolate(hm, size=(56, 88), mode="bilinear"))
+    assert torch.equal(full[..., 56:, :88], full[..., 55:56, :88].expand(-1, -1, 5, -1))
+    assert torch.equal(full[..., :, 88:], full[..., :, 87:88].expand(-1, -1, -1, 2))
+    check_map(vit(images), images)
+    # an image narrower than a patch is enlarged to one patch
+    assert vit.resized_size(5, 30) == (8, 30) and vit.backbone_size(5, 30) == (8, 24)
 
 
 def test_resnet_heads_are_channel_group_means(resnet, batch64):
@@ -372,6 +467,66 @@ def test_weights_file_errors(tmp_path):
         DinoViTAttention(weights=path)
 
 
+def _truncated(path, fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("text", r"is a text file, not weights \(it begins 'usage: main_dino.py"),
+    ("html", r"is an HTML page"),
+    ("lfs", r"is a Git LFS pointer.*git lfs pull"),
+    ("empty", r"is empty \(0 bytes\)"),
+    ("binary", r"is not weights: expected a torch.save file .* or a .safetensors file, but it begins with the bytes 00 01"),
+    ("truncated_zip", r"is truncated or corrupt: it begins as a torch.save zip archive but its zip directory"),
+    ("truncated_legacy", r"is truncated or corrupt: it begins as a torch.save file of the pre-1.6 \(pickle\) format"),
+    ("truncated_safetensors", r"is truncated or corrupt: it begins as a safetensors file"),
+    ("text_named_safetensors", r"is a text file"),
+])
+def test_a_file_that_is_not_whole_weights_is_named_as_such(kind, expected, tmp_path, resnet_state):
+    """A text file or a cut-off download given as weights: a ValueError that names the file and
+    says what it is (not a message about argparse args or torch's raw zip error)."""
+    path = tmp_path / ("w.safetensors" if "safetensors" in kind else "w.pth")
+    small = {k: v for k, v in list(resnet_state.items())[:4]}
+    if kind == "text":
+        path.write_text("usage: main_dino.py [-h] [--arch ARCH]\n  --arch ARCH  Name of architecture\n")
+    elif kind == "html":
+        path.write_text("<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head></html>\n")
+    elif kind == "lfs":
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 94452385\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)))
+    elif kind == "truncated_zip":
+        torch.save(small, path)
+        _truncated(path)
+    elif kind == "truncated_legacy":
+        torch.save(small, path, _use_new_zipfile_serialization=False)
+        _truncated(path, 0.9)
+    elif kind == "truncated_safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in small.items()}, str(path))
+        _truncated(path)
+    else:
+        path.write_text("not safetensors\n")
+    with pytest.raises(ValueError, match=expected) as e:
+        DinoResNetAttention(weights=path)
+    assert str(path) in str(e.value)
+    with pytest.raises(ValueError, match=expected):
+        weights_mod.load_state_dict_file(path)
+
+
+def test_weights_format_is_read_from_the_content(tmp_path, resnet_state, resnet, batch64):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "dino_resnet50_pretrain.pth"  # a safetensors file under a .pth name
+    save_file({k: v.contiguous() for k, v in resnet_state.items()}, str(path))
+    assert torch.equal(DinoResNetAttention("max", weights=path, input_size=None)(batch64), resnet(batch64))
+
+
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -474,8 +629,10 @@ def test_bad_constructor_arguments(vit_file):
         DinoViTAttention(6, weights=vit_file)
     with pytest.raises(ValueError, match="heads"):
         aggregate_heads(torch.zeros(1, 6, 2, 2), "median")
-    with pytest.raises(ValueError, match="input_size"):
-        DinoViTAttention(weights=vit_file, input_size=(100, 100))  # not multiples of 8
+    for bad in [(4, 100), (100,), 7, 224.0, True]:
+        with pytest.raises(ValueError, match="input_size"):
+            DinoViTAttention(weights=vit_file, input_size=bad)
+    assert DinoViTAttention(weights=vit_file, input_size=(100, 100)).backbone_size(50, 60) == (96, 96)
     with pytest.raises(ValueError, match="sigma"):
         GaussianAttention(sigma=0)
     with pytest.raises(ValueError, match="low_threshold"):

@@ -2,8 +2,10 @@
 
 Local files (``weights=/path``):
 
-- ``.safetensors`` via ``safetensors.torch.load_file``; anything else (``.pth``, ``.pt``,
-  ``.bin``) via ``torch.load(map_location="cpu", weights_only=True)``.
+- The format is read from the first bytes: safetensors via ``safetensors.torch.load_file``;
+  torch.save files (``.pth``, ``.pt``, ``.bin``, zip or the pre-1.6 pickle format) via
+  ``torch.load(map_location="cpu", weights_only=True)``.  An empty, truncated or corrupt file, a
+  text/HTML page or a Git LFS pointer is a ValueError saying so.
 - Containers are unwrapped: a dict holding ``teacher`` (DINO's full training checkpoint; the
   teacher is what DINO evaluates), ``student``, ``state_dict``, ``model`` or ``model_ema``.
 - Common prefixes are stripped: ``module.`` (DDP), ``backbone.`` (DINO's MultiCropWrapper),
@@ -20,11 +22,14 @@ to the hub host that does not succeed within ``connect_timeout`` (1 s), raises
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
+import re
 import socket
 import threading
 import time
+import zipfile
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
@@ -51,25 +56,101 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
-    """Read a state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``) onto the CPU."""
+    """Read a state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``) onto the CPU.
+
+    The format is read from the file's first bytes, not its name.  A file that is not weights (a
+    text or HTML page, a Git LFS pointer), an empty, truncated or corrupt one, and a training
+    checkpoint holding more than tensors each raise a ValueError that names ``path`` and says
+    which of these it is."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"weights must be an existing file, got {path!r} (not found)")
-    if path.endswith(".safetensors"):
+    kind = _sniff_format(path)
+    if kind == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return dict(load_file(path, device="cpu"))
+        try:
+            return dict(load_file(path, device="cpu"))
+        except SafetensorError as e:
+            raise ValueError(_corrupt(path, "safetensors", e)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # weights_only refuses a pickled object: anything else is damage
+            raise ValueError(_corrupt(path, kind, e)) from None
         raise ValueError(
             f"weights file {path!r} holds more than tensors and can't be read with "
             f"weights_only=True (e.g. DINO's full training checkpoint stores argparse args); "
             f"extract the backbone state dict first, e.g. torch.save(ckpt['teacher'], 'backbone.pth'). "
-            f"Detail: {str(e).splitlines()[0]}") from None
+            f"Detail: {_first_line(e)}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # torch's readers on damaged files
+        raise ValueError(_corrupt(path, kind, e)) from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"weights file {path!r} must hold a state dict, got {type(obj).__name__}")
     return _unwrap(obj, path)
+
+
+_FORMATS = {
+    "zip": "a torch.save zip archive",
+    "pickle": "a torch.save file of the pre-1.6 (pickle) format",
+    "safetensors": "a safetensors file",
+}
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch bolds parts of its messages
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _corrupt(path: str, kind: str, e: BaseException) -> str:
+    return (f"weights file {path!r} is truncated or corrupt: it begins as {_FORMATS[kind]} but can't be read "
+            f"({os.path.getsize(path)} bytes; download or copy it again). Detail: {_first_line(e)}")
+
+
+def _sniff_format(path: str) -> str:
+    """'zip', 'pickle' or 'safetensors' from the first bytes, else a ValueError naming what the
+    file looks like."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise ValueError(f"weights file {path!r} is empty (0 bytes)")
+    if head.startswith(b"PK\x03\x04"):
+        # torch.save's archive keeps its directory at the end: a cut-off download has none
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"weights file {path!r} is truncated or corrupt: it begins as {_FORMATS['zip']} "
+                             f"but its zip directory, stored at the end, is missing ({size} bytes; "
+                             f"download or copy it again)")
+        return "zip"
+    if head[0] == 0x80:  # pickle protocol 2+ opcode
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    text = _as_text(head)
+    expected = "a torch.save file (.pth/.pt/.bin) or a .safetensors file"
+    if text is None:
+        raise ValueError(f"weights file {path!r} is not weights: expected {expected}, "
+                         f"but it begins with the bytes {head[:8].hex(' ')}")
+    first = text.strip().splitlines()[0][:80] if text.strip() else ""
+    if text.startswith("version https://git-lfs"):
+        what = "a Git LFS pointer (fetch the file it points to with `git lfs pull`)"
+    elif text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+        what = "an HTML page (a download that returned a web page instead of the file?)"
+    else:
+        what = "a text file"
+    raise ValueError(f"weights file {path!r} is {what}, not weights (it begins {first!r}); expected {expected}")
+
+
+def _as_text(head: bytes) -> Optional[str]:
+    """``head`` decoded when it reads as UTF-8 text (a cut character at the end allowed), else None."""
+    if b"\x00" in head:
+        return None
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
+    return text if all(c.isprintable() or c in "\t\n\r\f\v" for c in text) else None
 
 
 def _unwrap(obj: Mapping, path: str) -> Dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ import torch
 
 NO_JIT_ENV = "YODA_SPARSE_NO_JIT"
 JIT_NAME = "yoda_sparse_ext"
+# The one command that builds the kernels at install time (setup.py prints the same words).
+BUILD_COMMAND = "pip install --no-cache-dir --force-reinstall --no-deps yoda-sparse"
 
 # Flags shared with setup.py.  -fno-math-errno lets the noise loop vectorise; -fno-trapping-math
 # (as PyTorch's own kernels are built) lets the sparse convolution's activation loops vectorise
@@ -204,8 +206,15 @@ def _load() -> str | None:
             prebuilt = f"prebuilt yoda_sparse._C not importable ({exc})"
     else:
         prebuilt = stale
+    absent = importlib.util.find_spec("yoda_sparse._C") is None
+    if absent:
+        prebuilt = (f"no prebuilt yoda_sparse._C in this installation (it is built at install time only where "
+                    f"torch is importable; with torch installed, `{BUILD_COMMAND}` builds it)")
     if os.environ.get(NO_JIT_ENV, "").strip() in ("1", "true", "yes"):
         return f"{prebuilt} and the JIT build is disabled ({NO_JIT_ENV}=1)"
+    if absent:  # the JIT build below takes minutes: say why, once, before it starts
+        warnings.warn(f"yoda-sparse: {prebuilt}; compiling the C++ kernels just in time now, once "
+                      f"(1-2 minutes, cached)", RuntimeWarning, stacklevel=4)
     reason = _jit_build()
     return None if reason is None else f"{prebuilt}; {reason}"
 
