@@ -5,11 +5,13 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR        (default: $OUT, else ./gpu_out)
 #
-# Files written (8, the most the device tool brings back), each as soon as its step ends, so a
-# run cut short still returns what it did: summary.txt, env.txt, build.log, tests.log,
-# bench_gpu_fp32.md, bench_gpu_bf16.md, bench.log (both benchmarks' raw output, rows printed as
-# measured), diagnose.txt (how a C++ exception from the extension surfaces on that machine).
-# About 5 minutes on an H100; the step limits add up to about 10 (see STEPS below for re-runs).
+# Files written, each as soon as its step ends, so a run cut short still returns what it did:
+# summary.txt, env.txt, build.log, tests.log, bench_gpu_fp32.md, bench_gpu_bf16.md, bench.log
+# (the op benchmarks' raw output), diagnose.txt; for the sparse work: sparse_tests.log,
+# bench_sparse_conv_*.md (tile-sparse convolution vs cuDNN), bench_sparse_sampling/ (dense vs
+# sparse SR3 sampling, bf16, batch 4, 256x256) and sparse.log.
+# The default STEPS are the sparse ones (the op steps ran on earlier GPU sessions; name them to
+# re-run): about 8 minutes on an H100/H200 with their limits adding up to about 10.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_out}}"
@@ -31,7 +33,7 @@ status=0
 step() { echo "== $1: $(date +%T)" | tee -a "$out/summary.txt"; }
 
 # STEPS picks a subset for a re-run (default: all, in this order).
-steps=" ${STEPS:-env build diagnose tests-ext tests-compile tests-triton bench-fp32 bench-bf16} "
+steps=" ${STEPS:-env build tests-sparse bench-sparse-conv bench-sparse-sampling} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 
 if want env; then
@@ -103,6 +105,34 @@ if want bench-bf16; then
 step bench-bf16
 timeout 45 "$py" benchmarks/bench_gpu_ops.py --dtype bfloat16 --backends eager triton cuda_ext \
   --out "$out/bench_gpu_bf16.md" >> "$out/bench.log" 2>&1 || status=1
+fi
+
+# The sparse convolution and engine: GPU tests (Triton and CUDA-extension backends against the
+# float64 reference in fp32/fp16/bf16, a captured CUDA graph, the engine on CUDA tensors), then
+# the benchmarks of issue 11 (bf16 and fp32, batch 1 and 4, cuDNN dense alongside) and 12 (SR3
+# 16->128 at 256x256, batch 4, bf16: gaussian, edge, all-ones).
+if want tests-sparse; then
+  step tests-sparse
+  timeout 240 "$py" -m pytest -q -rfE --maxfail=20 -p no:cacheprovider tests/test_sparse_gpu.py \
+    >> "$out/sparse_tests.log" 2>&1 || status=1
+  tail -n 1 "$out/sparse_tests.log" | tee -a "$out/summary.txt"
+fi
+if want bench-sparse-conv; then
+  step bench-sparse-conv
+  for cfg in "bfloat16 4" "bfloat16 1" "float32 4"; do
+    set -- $cfg
+    timeout 90 "$py" benchmarks/bench_sparse_conv.py --device cuda --dtype "$1" --batch "$2" --tiles 8 16 \
+      --shapes 128x128 128x256 256x64 256x128 512x32 --masks blob random --rounds 10 --no-reference \
+      --out "$out" >> "$out/sparse.log" 2>&1 || status=1
+  done
+  ls "$out"/sparse_conv_cuda_* 2>/dev/null | tee -a "$out/summary.txt"
+fi
+if want bench-sparse-sampling; then
+  step bench-sparse-sampling
+  timeout 240 "$py" -m yoda_sparse.cli bench --device cuda --dtype bfloat16 --batch 4 --size 256 --steps 20 \
+    --sources gaussian edge:astronaut edge:coffee ones --no-progress --out "$out/bench_sparse_sampling" \
+    >> "$out/sparse.log" 2>&1 || status=1
+  tail -n 6 "$out/sparse.log" | tee -a "$out/summary.txt"
 fi
 
 step done

@@ -73,7 +73,8 @@ class SparseUNet:
         tile: tile side in full-resolution pixels at level 0 (halved per level).
         min_tile: smallest tile side at deep levels, in level pixels (>= 2 for SRDiff's
             transposed upsampling).
-        halo: dilation of every level's active tiles, in tiles.
+        halo: dilation of the active tiles, in tiles: one int for every level, or a sequence of
+            one per level (the last repeats for deeper levels).
         norm_stats: "current" (group-norm statistics over the current map every step) or
             "frozen" (those of the last dense step); see yoda_sparse.sparse.norm.
         refresh_every: run a whole dense step every k steps (0: never after the first).
@@ -94,7 +95,12 @@ class SparseUNet:
         self.min_tile = _positive_int("min_tile", min_tile, 2 if self.family == "srdiff" else 1)
         if self.family == "srdiff" and (tile & (tile - 1)):
             raise ValueError(f"tile: SRDiff's transposed upsampling needs a power of two, got {tile}")
-        self.halo = _positive_int("halo", halo, 0)
+        if isinstance(halo, (list, tuple)):
+            if not halo:
+                raise ValueError("halo: expected an int >= 0 or a non-empty sequence of them, got []")
+            self.halo = tuple(_positive_int("halo", h, 0) for h in halo)
+        else:
+            self.halo = _positive_int("halo", halo, 0)
         if norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {norm_stats!r}")
         self.norm_stats = norm_stats

@@ -4,7 +4,8 @@ computed, and whether a level runs sparse (tile lists) or dense (whole maps).
 A level ``L`` has resolution ``H / 2**L``. Its tiles are ``tile_L = max(min_tile, tile >> L)``
 level pixels on a side, so deeper levels keep a granularity close to the full-resolution
 tile until ``min_tile`` stops them. A tile is active when any pixel of the step's mask under
-it is (the mask max-pooled to the level), dilated by ``halo`` tiles.
+it is (the mask max-pooled to the level), dilated by ``halo`` tiles (per level, or one value
+for all).
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def level_tile_sizes(levels: int, tile: int, min_tile: int) -> list[int]:
     return [max(min_tile, tile >> lvl) for lvl in range(levels)]
 
 
-def level_tile_maps(mask: torch.Tensor, levels: int, tile: int, min_tile: int, halo: int) -> list[torch.Tensor]:
-    """Active-tile maps [B, nH_L, nW_L] of every level from a bool step mask [B, 1, H, W]."""
+def level_tile_maps(mask: torch.Tensor, levels: int, tile: int, min_tile: int, halo) -> list[torch.Tensor]:
+    """Active-tile maps [B, nH_L, nW_L] of every level from a bool step mask [B, 1, H, W];
+    ``halo``: dilation in tiles, one int for every level or one per level."""
+    halos = [halo] * levels if isinstance(halo, int) else list(halo)
     m = mask.to(torch.float32) if mask.dtype == torch.bool else (mask != 0).to(torch.float32)
     H, W = mask.shape[-2:]
     maps = []
@@ -67,8 +70,9 @@ def level_tile_maps(mask: torch.Tensor, levels: int, tile: int, min_tile: int, h
         ph, pw = (-(-h // t)) * k - H, (-(-w // t)) * k - W
         mp = F.pad(m, (0, max(pw, 0), 0, max(ph, 0))) if ph > 0 or pw > 0 else m
         tm = F.max_pool2d(mp, kernel_size=k, stride=k)
-        if halo > 0:
-            tm = F.max_pool2d(tm, kernel_size=2 * halo + 1, stride=1, padding=halo)
+        h = halos[lvl] if lvl < len(halos) else halos[-1]
+        if h > 0:
+            tm = F.max_pool2d(tm, kernel_size=2 * h + 1, stride=1, padding=h)
         maps.append(tm[:, 0] > 0)
     return maps
 
