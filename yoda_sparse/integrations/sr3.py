@@ -118,11 +118,13 @@ def _layout_from_config(opt: dict, where: str) -> dict:
     if not model["diffusion"].get("conditional", True):
         raise ValueError(f"config: {where} is an unconditional model (diffusion.conditional=false); super-resolution needs a conditional one")
     u = model["unet"]
+    attn_res = u.get("attn_res") or ()
+    attn_res = (attn_res,) if isinstance(attn_res, int) else attn_res
     layout = dict(
         in_channels=int(u.get("in_channel", 6)), out_channels=int(u.get("out_channel", 3)),
         inner_channels=int(u.get("inner_channel", 32)), norm_groups=int(u.get("norm_groups") or 32),
         channel_mults=tuple(int(m) for m in u.get("channel_multiplier", (1, 2, 4, 8, 8))),
-        attn_resolutions=tuple(int(r) for r in (u.get("attn_res") or ())), res_blocks=int(u.get("res_blocks", 3)),
+        attn_resolutions=tuple(int(r) for r in attn_res), res_blocks=int(u.get("res_blocks", 3)),
         dropout=float(u.get("dropout", 0)), image_size=int(model["diffusion"]["image_size"]),
     )
     scale = None
