@@ -135,3 +135,12 @@ def test_unsupported_settings_and_bad_inputs_are_named():
         sched.mask(int(sched.timesteps[0]), z)
     with pytest.raises(TypeError, match="scheduler: expected a YodaScheduler"):
         YodaSuperResolutionPipeline(unet=_unet(), scheduler=DDPMScheduler())
+
+
+def test_pipeline_saves_and_loads(tmp_path):
+    pipe = YodaSuperResolutionPipeline(unet=_unet(), scheduler=YodaScheduler(lower_bound=0.3, num_train_timesteps=50))
+    pipe.save_pretrained(tmp_path)
+    loaded = YodaSuperResolutionPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.scheduler, YodaScheduler) and loaded.scheduler.config.lower_bound == 0.3
+    a, b = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -221,9 +221,11 @@ def yoda_sample(
             raise ValueError(f"shape {tuple(shape)} differs from x_bar's {tuple(x_bar.shape)}")
         shape = tuple(x_bar.shape)
         dtype = dtype or x_bar.dtype
-        device = device or x_bar.device
-        if x_bar.dtype != dtype or x_bar.device != torch.device(device):
+        want = torch.device(device) if device is not None else x_bar.device
+        same_device = want.type == x_bar.device.type and want.index in (None, x_bar.device.index)
+        if x_bar.dtype != dtype or not same_device:
             raise ValueError(f"x_bar is {x_bar.dtype} on {x_bar.device}, but dtype={dtype} and device={device} were asked for")
+        device = x_bar.device
     if shape is None:
         raise ValueError("shape (B, C, H, W) is needed when x_bar is None")
     if len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
