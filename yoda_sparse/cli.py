@@ -1,4 +1,4 @@
-"""`yoda-sparse` command line: demo, masks, train, eval, upscale, bench, info.
+"""`yoda-sparse` command line: demo, masks, train, eval, upscale, bench, info, convert.
 
 Errors print as one line on stderr with a non-zero exit; ``--debug`` shows the traceback.
 """
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         mod = __import__(f"yoda_sparse.{module}", fromlist=["add_arguments"])
         getattr(mod, f"add_{name}_arguments")(q)
         q.set_defaults(func=getattr(mod, f"{name}_from_args"))
+
+    from .integrations.convert_cli import add_convert_arguments, convert_from_args
+
+    c = sub.add_parser("convert", help="convert a public SR3 or SRDiff checkpoint into a yoda-sparse checkpoint")
+    add_convert_arguments(c)
+    c.set_defaults(func=convert_from_args)
     return p
 
 

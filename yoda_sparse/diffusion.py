@@ -23,13 +23,17 @@ import abc
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
-from .masking import MaskSchedule, activation_time
+from .masking import activation_time
+from .resize import UPSAMPLE_METHODS, upsample
+from .sampling import build_masks, run_sampler
 from .schedule import NoiseSchedule
 
-__all__ = ["YodaSettings", "ScheduleSettings", "SampleResult", "SR3Diffusion", "SRDiffDiffusion", "build_diffusion", "load_diffusion"]
+__all__ = [
+    "YodaSettings", "ScheduleSettings", "Preprocess", "SampleResult", "SR3Diffusion", "SRDiffDiffusion",
+    "build_diffusion", "load_diffusion",
+]
 
 
 @dataclass
@@ -73,26 +77,81 @@ class YodaSettings:
 
 @dataclass
 class ScheduleSettings:
-    """The training noise schedule: kind "linear" (SR3) or "cosine" (SRDiff), T steps."""
+    """The training noise schedule: kind "linear" (SR3) or "cosine" (SRDiff), T steps; or
+    "explicit" with its ``betas`` listed (what a converted model's file gives when it is
+    neither; ``timesteps`` is then their count)."""
 
     kind: str = "linear"
     timesteps: int = 500
     start: float = 1e-6
     end: float = 1e-2
+    betas: tuple | None = None
+
+    def __post_init__(self):
+        if self.betas is not None:
+            self.betas = tuple(float(b) for b in self.betas)
+        if self.kind == "explicit":
+            if not self.betas:
+                raise ValueError("schedule settings: kind 'explicit' needs betas")
+            if len(self.betas) != self.timesteps:
+                raise ValueError(f"schedule settings: {len(self.betas)} betas for timesteps={self.timesteps}")
+        elif self.betas is not None:
+            raise ValueError(f"schedule settings: betas are only for kind 'explicit', got kind {self.kind!r}")
 
     def build(self) -> NoiseSchedule:
         if self.kind == "linear":
             return NoiseSchedule.linear(self.timesteps, self.start, self.end)
         if self.kind == "cosine":
             return NoiseSchedule.cosine(self.timesteps)
-        raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {self.kind!r}")
+        if self.kind == "explicit":
+            return NoiseSchedule(list(self.betas))
+        raise ValueError(f"schedule kind must be 'linear', 'cosine' or 'explicit', got {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["betas"] is None:  # absent, as in the checkpoints written before it existed
+            del d["betas"]
+        else:
+            d["betas"] = list(d["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleSettings":
+        return cls(**_known_fields(cls, d, "schedule settings"))
+
+
+@dataclass
+class Preprocess:
+    """How the upsampled LR image x_up is made; stored in checkpoints (absent: the defaults).
+
+    upsample: one of ``yoda_sparse.resize.UPSAMPLE_METHODS``: "torch_bicubic" (yoda-sparse's
+        own models), "pil_bicubic" (the public SR3 code), "matlab_bicubic" (SRDiff's code).
+    input_scale: the LR image in [0, 1] is multiplied by this before upsampling: SRDiff's data
+        code resizes the 8-bit LR divided by 256, i.e. 255/256 of the [0, 1] image.
+    """
+
+    upsample: str = "torch_bicubic"
+    input_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.upsample not in UPSAMPLE_METHODS:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_METHODS}, got {self.upsample!r}")
+        if not 0 < float(self.input_scale) <= 1:
+            raise ValueError(f"input_scale must lie in (0, 1], got {self.input_scale!r}")
+        self.input_scale = float(self.input_scale)
+
+    def x_up(self, lr_m: torch.Tensor, scale: int) -> torch.Tensor:
+        """x_up in [-1, 1] from the LR image in [-1, 1]."""
+        if self.upsample == "torch_bicubic" and self.input_scale == 1.0:
+            return upsample(lr_m, scale)  # bicubic is linear: upsampling [-1, 1] directly, as always
+        return upsample((lr_m + 1) / 2 * self.input_scale, scale, self.upsample) * 2 - 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScheduleSettings":
-        return cls(**_known_fields(cls, d, "schedule settings"))
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**_known_fields(cls, d, "preprocess settings"))
 
 
 def _known_fields(cls, d: dict, what: str) -> dict:
@@ -128,12 +187,14 @@ def _check_images(name: str, x, channels: int = 3) -> torch.Tensor:
 class _DiffusionSR(abc.ABC):
     family = ""
 
-    def __init__(self, model, schedule: ScheduleSettings | None = None, yoda: YodaSettings | None = None, *, scale: int):
+    def __init__(self, model, schedule: ScheduleSettings | None = None, yoda: YodaSettings | None = None, *, scale: int,
+                 preprocess: Preprocess | None = None):
         self.model = model
         self.schedule_settings = schedule or self.default_schedule()
         self.schedule = self.schedule_settings.build()
         self.yoda = yoda or YodaSettings()
         self.scale = int(scale)
+        self.preprocess = preprocess or Preprocess()
 
     # ----------------------------------------------------------------- family hooks
     @staticmethod
@@ -250,8 +311,6 @@ class _DiffusionSR(abc.ABC):
         SparseUNet`, options in ``engine_options``); "auto" is sparse for YODA sampling of a
         model the engine supports, else dense. Each call starts a fresh engine cache.
         """
-        from tqdm.auto import tqdm
-
         _check_images("lr", lr)
         if seed is not None and generator is not None:
             raise ValueError("pass either generator or seed, not both")
@@ -259,55 +318,44 @@ class _DiffusionSR(abc.ABC):
         B = lr.shape[0]
         H, W = lr.shape[2] * self.scale, lr.shape[3] * self.scale
         sched = self.schedule if steps is None else self.schedule.respace(int(steps))
-        train_t = sched.timesteps.flip(0)  # sampling order, training units
         lr_m = lr * 2 - 1
         x_up, x_bar, cond = self._prepare(lr_m)
-        shape = (B, 3, H, W)
-        dtype, device = lr.dtype, lr.device
-        if seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-
-        def randn():
-            return torch.randn(shape, generator=generator, dtype=dtype).to(device)
-
         masks = None
         if attn is not None:
-            if not isinstance(attn, torch.Tensor):
-                raise TypeError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
-            masks = MaskSchedule(attn.to(device), self.schedule.num_steps, self.yoda.lower_bound, timesteps=train_t, size=(H, W))
-            self._check_batch(masks.activation_time, B)
-        full = torch.ones((B, 1, H, W), dtype=torch.bool, device=device)
-        z = randn()
-        if masks is not None:
-            n = sched.num_steps
-            level = torch.full((B,), sched.coefficients(n).noise_level, dtype=dtype, device=device)
-            # the same draw serves both areas: each pixel uses exactly one of them, and an
-            # all-ones mask then consumes the generator exactly as the dense run does
-            z = torch.where(masks.mask(0), z, self._lr_branch_at(x_bar, train_t[:1].expand(B).to(device), z, level))
-        # per-step conditioning values, moved to the device once
-        levels = sched.sqrt_alphas_cumprod.to(device=device, dtype=dtype)
-        train_t_dev = train_t.to(device)
-        for i in tqdm(range(sched.num_steps), disable=not progress, desc="yoda" if masks is not None else "dense", leave=False):
-            t = sched.num_steps - i
-            m = masks.mask(i) if masks is not None else full
-            inp = z * m if (masks is not None and self.yoda.masked_input) else z
-            if sparse_engine is not None:
-                eps = sparse_engine(inp, m, **self._engine_inputs(train_t_dev[i].expand(B), levels[t - 1].expand(B), x_up, cond))
-            else:
-                eps = self._predict_noise(inp, train_t_dev[i].expand(B), levels[t - 1].expand(B), x_up, cond)
-            noise_kw = dict(seed=seed, offset=(i + 1) * z.numel()) if seed is not None else dict(noise=randn())
-            z = ops.yoda_step(
-                z, eps.to(z.dtype), x_bar, m, t, sched, **noise_kw,
-                lr_branch=self.yoda.lr_branch, clip_x0=self.yoda.clip_x0, variance=self.yoda.variance, backend=backend,
-            )
-        if masks is not None:
-            frac = masks.active_fraction.cpu()
-        else:
-            frac = torch.ones((sched.num_steps, B), dtype=torch.float64)
+            masks = build_masks(attn, self.schedule.num_steps, self.yoda.lower_bound, sched, size=(H, W), batch=B, device=lr.device)
+        predictor = self.noise_predictor(x_up) if sparse_engine is None else self._engine_predictor(sparse_engine, x_up)
+        out = run_sampler(
+            predictor, shape=(B, 3, H, W), schedule=sched, x_bar=x_bar, cond=cond, masks=masks,
+            lr_branch=self.yoda.lr_branch, masked_input=self.yoda.masked_input, clip_x0=self.yoda.clip_x0,
+            variance=self.yoda.variance, generator=generator, seed=seed, backend=backend, progress=progress,
+            dtype=lr.dtype, device=lr.device,
+        )
         extras = {"engine": "sparse" if sparse_engine is not None else "dense"}
         if sparse_engine is not None:
             extras["engine_summary"] = sparse_engine.summary()
-        return SampleResult(self._to_image(z, x_up), frac, frac.mean(0), train_t.cpu(), extras)
+        return SampleResult(self._to_image(out.sample, x_up), out.active_fraction, out.update_ratio, out.timesteps,
+                            extras)
+
+    def noise_predictor(self, x_up: torch.Tensor):
+        """The per-step model call of :meth:`sample`, for :func:`yoda_sparse.sampling.run_sampler`:
+        ``fn(z_t, t, level, cond, *, step, mask) -> eps`` with t the 1-based training timestep
+        [B], level sqrt(gamma) [B], cond the family's conditioning (SRDiff's encoder features),
+        step the 0-based step index and mask that step's M(t) [B,1,H,W] (unused here: every
+        pixel is computed; a sparse engine computes only the active ones)."""
+
+        def predict(z, t, level, cond, *, step=None, mask=None):
+            return self._predict_noise(z, t, level, x_up, cond)
+
+        return predict
+
+    def _engine_predictor(self, engine, x_up: torch.Tensor):
+        """The per-step model call through a SparseUNet: the same signature as
+        :meth:`noise_predictor`'s, computing only the active tiles of each step's mask."""
+
+        def predict(z, t, level, cond, *, step=None, mask=None):
+            return engine(z, mask, **self._engine_inputs(t, level, x_up, cond))
+
+        return predict
 
     def _sparse_engine(self, engine: str, options: dict | None, *, yoda_run: bool):
         """A fresh SparseUNet for "sparse" (and for "auto" on a YODA run), else None."""
@@ -334,7 +382,10 @@ class _DiffusionSR(abc.ABC):
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_extra(self) -> dict:
-        return {"family": self.family, "schedule": self.schedule_settings.to_dict(), "yoda": self.yoda.to_dict()}
+        extra = {"family": self.family, "schedule": self.schedule_settings.to_dict(), "yoda": self.yoda.to_dict()}
+        if self.preprocess != Preprocess():
+            extra["preprocess"] = self.preprocess.to_dict()
+        return extra
 
     def save(self, path, model_config, *, ema=None, extra: dict | None = None) -> None:
         from .models.checkpoint import save_checkpoint
@@ -352,7 +403,7 @@ class SR3Diffusion(_DiffusionSR):
         return ScheduleSettings("linear", 500, 1e-6, 1e-2)
 
     def _prepare(self, lr_m):
-        x_up = F.interpolate(lr_m, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        x_up = self.preprocess.x_up(lr_m, self.scale)
         return x_up, x_up, None
 
     def _target(self, hr_m, x_up):
@@ -383,8 +434,8 @@ class SRDiffDiffusion(_DiffusionSR):
 
     family = "srdiff"
 
-    def __init__(self, model, schedule=None, yoda=None, *, scale: int, res_rescale: float = 2.0):
-        super().__init__(model, schedule, yoda, scale=scale)
+    def __init__(self, model, schedule=None, yoda=None, *, scale: int, res_rescale: float = 2.0, preprocess=None):
+        super().__init__(model, schedule, yoda, scale=scale, preprocess=preprocess)
         self.res_rescale = float(res_rescale)
 
     @staticmethod
@@ -392,7 +443,7 @@ class SRDiffDiffusion(_DiffusionSR):
         return ScheduleSettings("cosine", 100)
 
     def _prepare(self, lr_m):
-        x_up = F.interpolate(lr_m, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        x_up = self.preprocess.x_up(lr_m, self.scale)
         return x_up, None, self.model.encode(lr_m)
 
     def _target(self, hr_m, x_up):
@@ -408,19 +459,23 @@ class SRDiffDiffusion(_DiffusionSR):
         return ((x_up + z0 / self.res_rescale + 1) / 2).clamp(0, 1)
 
 
-def build_diffusion(model, model_config, *, schedule: ScheduleSettings | dict | None = None, yoda: YodaSettings | dict | None = None):
+def build_diffusion(model, model_config, *, schedule: ScheduleSettings | dict | None = None, yoda: YodaSettings | dict | None = None,
+                    preprocess: Preprocess | dict | None = None):
     """The diffusion wrapper of the model's family."""
     if isinstance(schedule, dict):
         schedule = ScheduleSettings.from_dict(schedule)
     if isinstance(yoda, dict):
         yoda = YodaSettings.from_dict(yoda)
+    if isinstance(preprocess, dict):
+        preprocess = Preprocess.from_dict(preprocess)
     family = getattr(model_config, "family", None)
     if family == "sr3":
-        return SR3Diffusion(model, schedule, yoda, scale=model_config.scale)
+        return SR3Diffusion(model, schedule, yoda, scale=model_config.scale, preprocess=preprocess)
     if family == "srdiff":
         if schedule is None:
             schedule = ScheduleSettings("cosine", int(getattr(model_config, "timesteps", 100)))
-        return SRDiffDiffusion(model, schedule, yoda, scale=model_config.scale, res_rescale=getattr(model_config, "res_rescale", 2.0))
+        return SRDiffDiffusion(model, schedule, yoda, scale=model_config.scale, res_rescale=getattr(model_config, "res_rescale", 2.0),
+                               preprocess=preprocess)
     raise ValueError(f"unknown model family {family!r}")
 
 
@@ -444,6 +499,6 @@ def load_diffusion(path, *, expected_family: str | None = None, map_location="cp
         # trained dense: default step settings and no attention method, so callers sample
         # dense unless they name an attention map themselves
         yoda = YodaSettings(attention=None)
-    diff = build_diffusion(model, config, schedule=extra.get("schedule"), yoda=yoda)
+    diff = build_diffusion(model, config, schedule=extra.get("schedule"), yoda=yoda, preprocess=extra.get("preprocess"))
     return diff, config, extra
 

@@ -110,6 +110,12 @@ class SRDiffConfig(_ConfigMixin):
     ``res_rescale``, ``schedule`` and ``timesteps`` are not used by the network; they travel
     with it so the diffusion layer reconstructs the training setup: the target is the residual
     (hr - lr_up) * res_rescale, cosine schedule, 100 steps.
+
+    Fidelity to the SRDiff code (set by ``yoda-sparse convert srdiff``; the defaults are what
+    yoda-sparse's own SRDiff models use): ``embedding_freq_shift=1`` gives the timestep sinusoid
+    SRDiff's frequencies ``1e4^(-k/(half-1))`` instead of ``1e4^(-k/half)``;
+    ``timestep_zero_based`` feeds the network t - 1 (SRDiff counts timesteps 0..T-1) for this
+    library's 1..T.
     """
 
     name: str
@@ -132,9 +138,15 @@ class SRDiffConfig(_ConfigMixin):
     res_rescale: float = 2.0
     schedule: str = "cosine"
     timesteps: int = 100
+    embedding_freq_shift: int = 0
+    timestep_zero_based: bool = False
 
     def __post_init__(self) -> None:
         self._check_common("srdiff")
+        if self.embedding_freq_shift not in (0, 1) or isinstance(self.embedding_freq_shift, bool):
+            raise ValueError(f"embedding_freq_shift: expected 0 or 1, got {self.embedding_freq_shift!r}")
+        if not isinstance(self.timestep_zero_based, bool):
+            raise ValueError(f"timestep_zero_based: expected a bool, got {self.timestep_zero_based!r}")
         if self.activation not in ("silu", "mish"):
             raise ValueError(f"activation: expected 'silu' or 'mish', got {self.activation!r}")
         if self.padding_mode not in ("zeros", "reflect"):

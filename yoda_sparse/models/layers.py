@@ -35,7 +35,7 @@ def make_activation(name: str) -> nn.Module:
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, scale: float = 1.0,
-                         max_period: float = 10000.0) -> torch.Tensor:
+                         max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
     """Transformer-style sinusoidal encoding of a batch of scalars.
 
     Args:
@@ -44,19 +44,31 @@ def sinusoidal_embedding(values: torch.Tensor, dim: int, scale: float = 1.0,
         scale: multiplies ``values`` first; SR3's noise level lives in [0, 1], so a scale of
             ~1000 spreads it over the same phase range an integer step would have.
         max_period: lowest frequency is 1 / max_period.
+        freq_shift: 0 (this library's and SR3's ``f_k = max_period ** (-k / half)``) or 1
+            (DDPM's and SRDiff's ``f_k = max_period ** (-k / (half - 1))``, whose lowest
+            frequency is exactly 1 / max_period), half = dim // 2.
 
     Returns:
         [B, dim] float32 tensor ``cat(sin(v * f_k), cos(v * f_k))`` with
-        ``f_k = max_period ** (-k / (dim // 2))``, k = 0 .. dim//2 - 1.
+        ``f_k = max_period ** (-k / (dim // 2 - freq_shift))``, k = 0 .. dim//2 - 1.
     """
     if dim <= 0 or dim % 2:
         raise ValueError(f"dim: expected a positive even embedding width, got {dim}")
     if values.dim() != 1:
         raise ValueError(f"values: expected a 1-D tensor [B], got shape {tuple(values.shape)}")
+    if freq_shift not in (0, 1):
+        raise ValueError(f"freq_shift: expected 0 or 1, got {freq_shift!r}")
     half = dim // 2
+    if half - freq_shift < 1:
+        raise ValueError(f"dim: {dim} is too small for freq_shift={freq_shift} (needs dim // 2 > {freq_shift})")
     # float32 even under autocast/bf16 models: bf16 cannot resolve t*f for t ~ 1000.
-    exponent = torch.arange(half, dtype=torch.float32, device=values.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    if freq_shift == 0:
+        exponent = torch.arange(half, dtype=torch.float32, device=values.device) / half
+        freqs = torch.exp(-math.log(max_period) * exponent)
+    else:
+        # the operations of the DDPM/SRDiff reference code, in its order, so that converted
+        # SRDiff models embed their timesteps to the last bit as SRDiff does
+        freqs = torch.exp(torch.arange(half, device=values.device) * -(math.log(max_period) / (half - freq_shift)))
     args = values.to(torch.float32)[:, None] * (scale * freqs)[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
@@ -65,14 +77,17 @@ class NoiseLevelEmbedding(nn.Module):
     """Sinusoidal encoding of a [B] conditioning scalar followed by a 2-layer MLP.
 
     ``Linear(dim, hidden) -> act -> Linear(hidden, out_dim)``; the result is added (through a
-    per-block Linear) in every ResBlock.
+    per-block Linear) in every ResBlock. ``freq_shift`` as in :func:`sinusoidal_embedding`.
     """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int, scale: float = 1.0,
-                 activation: str = "silu"):
+                 activation: str = "silu", freq_shift: int = 0):
         super().__init__()
+        if freq_shift not in (0, 1):
+            raise ValueError(f"freq_shift: expected 0 or 1, got {freq_shift!r}")
         self.dim = dim
         self.scale = float(scale)
+        self.freq_shift = int(freq_shift)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden_dim),
             make_activation(activation),
@@ -80,7 +95,7 @@ class NoiseLevelEmbedding(nn.Module):
         )
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        emb = sinusoidal_embedding(values, self.dim, scale=self.scale)
+        emb = sinusoidal_embedding(values, self.dim, scale=self.scale, freq_shift=self.freq_shift)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 

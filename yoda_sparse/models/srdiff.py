@@ -97,12 +97,18 @@ class RRDBEncoder(nn.Module):
 
 
 class SRDiffUNet(nn.Module):
-    """Conditional noise predictor ``forward(z_t [B,3,H,W], t [B], cond [B,Cc,H/s,W/s]) -> eps``."""
+    """Conditional noise predictor ``forward(z_t [B,3,H,W], t [B], cond [B,Cc,H/s,W/s]) -> eps``.
+
+    ``t`` is the training timestep in this library's 1..T. ``timestep_zero_based`` embeds
+    ``t - 1`` (SRDiff's code counts 0..T-1); ``embedding_freq_shift`` is the sinusoid's
+    frequency convention (see :func:`~yoda_sparse.models.layers.sinusoidal_embedding`).
+    """
 
     def __init__(self, *, in_channels: int = 3, out_channels: int = 3, inner_channels: int = 64,
                  channel_mults: tuple[int, ...] = (1, 2, 2, 4), res_blocks: int = 2,
                  cond_channels: int = 96, scale: int = 4, dropout: float = 0.0,
-                 norm_groups: int = 0, activation: str = "mish", padding_mode: str = "reflect"):
+                 norm_groups: int = 0, activation: str = "mish", padding_mode: str = "reflect",
+                 embedding_freq_shift: int = 0, timestep_zero_based: bool = False):
         super().__init__()
         if len(channel_mults) < 2:
             raise ValueError(f"channel_mults: expected >= 2 levels, got {tuple(channel_mults)}")
@@ -113,6 +119,7 @@ class SRDiffUNet(nn.Module):
         self.in_channels = in_channels
         self.scale = scale
         self.size_multiple = 2 ** (len(channel_mults) - 1)
+        self.timestep_zero_based = bool(timestep_zero_based)
         emb_dim = inner_channels
 
         def block(cin: int, cout: int) -> ResBlock:
@@ -124,7 +131,7 @@ class SRDiffUNet(nn.Module):
         self.cond_proj = nn.ConvTranspose2d(cond_channels, inner_channels, 2 * scale - scale % 2,
                                             stride=scale, padding=scale // 2)
         self.time_embed = NoiseLevelEmbedding(inner_channels, inner_channels * 4, emb_dim,
-                                              activation=activation)
+                                              activation=activation, freq_shift=embedding_freq_shift)
         widths = [inner_channels * m for m in channel_mults]
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -163,7 +170,8 @@ class SRDiffUNet(nn.Module):
         if tuple(cond.shape) != expected or hh % self.scale or ww % self.scale:
             raise ValueError(f"cond: expected {list(expected)} (encoder features at LR = z_t size / "
                              f"scale {self.scale}), got {list(cond.shape)} for z_t {hh}x{ww}")
-        emb = self.time_embed(t)
+        # t is this library's 1..T; a network trained on SRDiff's 0..T-1 sees t - 1
+        emb = self.time_embed(t - 1 if self.timestep_zero_based else t)
         cond_hr = self.cond_proj(cond)
         h = z_t
         skips = []
@@ -203,7 +211,8 @@ class SRDiff(nn.Module):
                  rrdb_channels: int = 32, rrdb_blocks: int = 8, rrdb_growth: int = 16,
                  scale: int = 4, dropout: float = 0.0, norm_groups: int = 0,
                  activation: str = "mish", padding_mode: str = "reflect",
-                 freeze_encoder: bool = False):
+                 freeze_encoder: bool = False, embedding_freq_shift: int = 0,
+                 timestep_zero_based: bool = False):
         super().__init__()
         self.scale = scale
         self.encoder = RRDBEncoder(3, rrdb_channels, rrdb_blocks, rrdb_growth)
@@ -211,7 +220,9 @@ class SRDiff(nn.Module):
                                inner_channels=inner_channels, channel_mults=tuple(channel_mults),
                                res_blocks=res_blocks, cond_channels=self.encoder.out_channels,
                                scale=scale, dropout=dropout, norm_groups=norm_groups,
-                               activation=activation, padding_mode=padding_mode)
+                               activation=activation, padding_mode=padding_mode,
+                               embedding_freq_shift=embedding_freq_shift,
+                               timestep_zero_based=timestep_zero_based)
         self.size_multiple = self.unet.size_multiple
         self.freeze_encoder = False
         if freeze_encoder:
@@ -225,7 +236,9 @@ class SRDiff(nn.Module):
                    rrdb_blocks=config.rrdb_blocks, rrdb_growth=config.rrdb_growth,
                    scale=config.scale, dropout=config.dropout, norm_groups=config.norm_groups,
                    activation=config.activation, padding_mode=config.padding_mode,
-                   freeze_encoder=config.freeze_encoder)
+                   freeze_encoder=config.freeze_encoder,
+                   embedding_freq_shift=config.embedding_freq_shift,
+                   timestep_zero_based=config.timestep_zero_based)
 
     def set_encoder_frozen(self, frozen: bool) -> None:
         """Freeze (requires_grad False, eval mode) or unfreeze the RRDB encoder."""

@@ -59,7 +59,8 @@ def sr3_step(ctx: StepContext, unet: SR3UNet, x_up: torch.Tensor, z: torch.Tenso
 def srdiff_step(ctx: StepContext, unet: SRDiffUNet, z: torch.Tensor, t: torch.Tensor, cond_hr: torch.Tensor) -> torch.Tensor:
     """eps for the residual state z at step t [B], given the projected condition cond_hr
     (``unet.cond_proj(cond)``, constant over a run); mirrors SRDiffUNet.forward."""
-    emb = unet.time_embed(t)
+    # as SRDiffUNet.forward: a network trained on SRDiff's 0..T-1 steps sees t - 1
+    emb = unet.time_embed(t - 1 if getattr(unet, "timestep_zero_based", False) else t)
     h = z
     skips = []
     levels = len(unet.down_blocks)
