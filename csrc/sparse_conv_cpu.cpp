@@ -358,9 +358,10 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     // reuse its memory, where one strip of a large map costs a fresh mmap, hence a page fault
     // per 4 KiB, on every call (measured: a third of the gather time at 256x256x128).
     const int64_t col_bytes = SH * C * static_cast<int64_t>(sizeof(scalar_t));
-    int64_t full = 0, quantum = 0;
-    sparse_conv::chunk_widths(col_bytes, weight.numel() * weight.element_size(), g, &full, &quantum);
-    for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full, quantum)) {
+        // the level needs at most every band's full window row
+    const int64_t max_cols = B * ceil_div(g.Ho, g.th) * ((g.Wo - 1) * g.s + g.k + g.s);
+    const int64_t full = sparse_conv::chunk_width(col_bytes, weight.numel() * weight.element_size(), max_cols, g);
+    for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full)) {
       const std::vector<Segment>& chunk = ch.segs;
       const int64_t chunk_w = ch.width;
       at::Tensor strip = at::empty({1, C, SH, chunk_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));

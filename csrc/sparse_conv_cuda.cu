@@ -25,6 +25,7 @@ namespace {
 
 using sparse_conv::ConvGeometry;
 using sparse_conv::Segment;
+using sparse_conv::ceil_div;
 using sparse_conv::source_index;
 
 constexpr int kThreads = 256;
@@ -208,9 +209,10 @@ void sparse_conv2d_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x2
   const std::vector<int64_t> st{stride, stride}, zero{0, 0}, one{1, 1};
   const int64_t col_bytes = SH * C * static_cast<int64_t>(x.element_size());
   const auto idx_opts = at::TensorOptions().dtype(at::kLong);
-  int64_t full = 0, quantum = 0;
-  sparse_conv::chunk_widths(col_bytes, weight.numel() * weight.element_size(), g, &full, &quantum);
-  for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full, quantum)) {
+    // the level needs at most every band's full window row
+    const int64_t max_cols = B * ceil_div(g.Ho, g.th) * ((g.Wo - 1) * g.s + g.k + g.s);
+    const int64_t full = sparse_conv::chunk_width(col_bytes, weight.numel() * weight.element_size(), max_cols, g);
+  for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full)) {
     const std::vector<Segment>& chunk = ch.segs;
     const int64_t SW = ch.width;
     const int64_t nseg = static_cast<int64_t>(chunk.size());

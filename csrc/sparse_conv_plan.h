@@ -126,28 +126,34 @@ struct Chunk {
   int64_t width = 0;
 };
 
-// Strip widths of a layer: `full` columns per chunk, the last chunk rounded up to a multiple of
-// `quantum`. A strip holds chunk_bytes(), or twice the weights where those are larger: every
-// convolution call reorders its weights into the library's blocked layout (measured: a
-// 1024 -> 512 3x3 layer over three strips took 11% longer than over one), so layers with
-// large weights get fewer, larger strips.
-inline void chunk_widths(int64_t col_bytes, int64_t weight_bytes, const ConvGeometry& g, int64_t* full,
-                         int64_t* quantum) {
+// Strip widths of a layer: `full` columns per chunk. A strip holds chunk_bytes(), or twice the
+// weights where those are larger (every convolution call reorders its weights into the
+// library's blocked layout: a 1024 -> 512 3x3 layer over three strips took 11% longer than over
+// one), but never more than the whole level needs (`max_cols`).
+inline int64_t chunk_width(int64_t col_bytes, int64_t weight_bytes, int64_t max_cols, const ConvGeometry& g) {
   const int64_t min_w = g.k + 2 * g.s * std::max(g.tw, int64_t(1));
   const int64_t bytes = std::max(chunk_bytes(), 2 * weight_bytes);
-  int64_t f = std::max<int64_t>(bytes / std::max<int64_t>(col_bytes, 1), 16);
-  f = std::max<int64_t>(f >= 32 ? f / 16 * 16 : f, min_w);
-  *full = f;
-  *quantum = std::max<int64_t>(16, f / 16);
+  const int64_t f = std::max<int64_t>(bytes / std::max<int64_t>(col_bytes, 1), 16);
+  return std::max<int64_t>(std::min(f, max_cols), min_w);
 }
 
-// Cut the segments into strips of exactly `full` columns (the last one rounded up to a multiple
-// of `quantum`), splitting a segment where a strip ends (each piece with its own halo), and place
-// them: input columns, output row/column. A layer's strips then take at most full / quantum + 1
-// widths whatever the mask: oneDNN (and cuDNN) build one primitive per shape, and building new
-// ones every step (JIT code generation) cost more than the sparse convolution saved.
-inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t full,
-                                      int64_t quantum) {
+// The width a strip of `need` columns is given: rounded up on a ladder of 8 widths per octave
+// (at most 12.5% more, at least 8). Strips then take few widths per layer whatever the mask:
+// oneDNN (and cuDNN) build one primitive per shape, and building new ones every step (JIT code
+// generation, 0.5-3 ms here) cost more than the sparse convolution saved; a fixed coarse
+// quantum instead cost up to a third of a deep level's dense time for a single active tile.
+inline int64_t ladder_width(int64_t need) {
+  if (need <= 8) return 8;
+  int64_t e = 0;
+  while ((int64_t(1) << (e + 1)) <= need) ++e;
+  const int64_t step = int64_t(1) << std::max<int64_t>(e - 3, 0);
+  return ceil_div(need, step) * step;
+}
+
+// Cut the segments into strips of exactly `full` columns (the last one given its ladder_width),
+// splitting a segment where a strip ends (each piece with its own halo), and place them: input
+// columns, output row/column.
+inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t full) {
   std::vector<Chunk> chunks(1);
   int64_t col = 0;
   const int64_t s = g.s, p = g.p;
@@ -195,8 +201,7 @@ inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const Co
     chunks.pop_back();
   } else {
     const int64_t need = std::max<int64_t>(col, g.transposed ? 1 : g.k);
-    chunks.back().width = std::min(full, ceil_div(need, quantum) * quantum);
-    chunks.back().width = std::max(chunks.back().width, need);
+    chunks.back().width = std::max(std::min(full, ladder_width(need)), need);
   }
   return chunks;
 }

@@ -29,7 +29,7 @@ from .plan import sparse_work
 
 __all__ = ["CostModel", "cost_cache_path"]
 
-_VERSION = 2  # of what is measured: entries of another version are measured again
+_VERSION = 3  # of what is measured: entries of another version are measured again
 
 
 def cost_cache_path() -> Path:
