@@ -128,7 +128,8 @@ def test_frozen_norm_stats_and_refresh_run(name):
     eng = SparseUNet(model, norm_stats="frozen", refresh_every=2, cost_model=2.0)
     for _ in range(3):
         eps = eng(z, mask, **kw)
-    assert [all(h["dense"]) for h in eng.history] == [True, False, True]
+    assert [all(h["dense"]) for h in eng.history] == [True, False, False]
+    assert [h["refresh"] for h in eng.history] == [False, False, True]
     m = mask.expand_as(eps)
     torch.testing.assert_close(eps[m], dense(z)[m], rtol=1e-4, atol=1e-4)
     assert eng.summary()["steps"] == 3 and eng.cache_bytes > 0

@@ -42,6 +42,7 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int | None = None
     seed: int = 0
+    repeats: int = 1                    # runs of each engine per source (median time reported)
     engine_options: dict = field(default_factory=dict)
     out: Path | None = None
     progress: bool = True
@@ -188,13 +189,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     diff.sample(lr, attn.to(device), steps=1, progress=False)
 
     per_step = {"dense": [], "sparse": []}
-    for source in cfg.sources:
+    for index, source in enumerate(cfg.sources):
         hr, attn = mask_source(source, cfg.size, cfg.batch, cfg.lower_bound, diff.scale)
         lr = bicubic_downscale(hr, diff.scale).to(device=device, dtype=dtype)
         attn = attn.to(device)
         run = {"source": source}
         outputs = {}
-        for engine in ("dense", "sparse"):
+        # alternate which engine runs first, so a drift of the machine does not favour one
+        for engine in (("dense", "sparse") if index % 2 == 0 else ("sparse", "dense")):
             step_times: list = []
             original = diff._predict_noise
             original_predict = SparseUNet.predict
@@ -216,21 +218,24 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     torch.cuda.synchronize(device)
+                runs = []
                 with _PeakRSS() as mem:
-                    t0 = time.perf_counter()
-                    res = diff.sample(lr, attn, steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed),
-                                      progress=cfg.progress, engine=engine,
-                                      engine_options=cfg.engine_options if engine == "sparse" else None)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    seconds = time.perf_counter() - t0
+                    for _ in range(cfg.repeats):
+                        t0 = time.perf_counter()
+                        res = diff.sample(lr, attn, steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed),
+                                          progress=cfg.progress, engine=engine,
+                                          engine_options=cfg.engine_options if engine == "sparse" else None)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        runs.append(time.perf_counter() - t0)
+                seconds = statistics.median(runs)
             finally:
                 diff._predict_noise = original
                 SparseUNet.predict = original_predict
                 SparseUNet.__call__ = original_predict
             peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak - mem.base)
             outputs[engine] = res.images
-            run[engine] = {"seconds": seconds, "peak_bytes": int(peak)}
+            run[engine] = {"seconds": seconds, "runs": runs, "peak_bytes": int(peak)}
             if engine == "sparse":
                 summ = res.extras.get("engine_summary", {})
                 run["level_fraction"] = summ.get("level_fraction")
@@ -367,19 +372,20 @@ def add_bench_arguments(q) -> None:
     q.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     q.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--repeats", type=int, default=1, help="runs of each engine per mask source (median)")
     q.add_argument("--out", default="out/bench", help="folder for bench.md/json and the plots")
     q.add_argument("--no-progress", action="store_true")
     add_engine_arguments(q)
 
 
 def bench_from_args(args) -> int:
-    for name in ("size", "batch", "steps"):
+    for name in ("size", "batch", "steps", "repeats"):
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name}: expected a positive integer, got {v}")
     cfg = BenchConfig(model=args.model, size=args.size, batch=args.batch, steps=args.steps,
                       sources=tuple(args.sources), lower_bound=args.lower_bound, device=args.device,
-                      dtype=args.dtype, threads=args.threads, seed=args.seed,
+                      dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats,
                       engine_options=engine_options_from_args(args), out=Path(args.out),
                       progress=not args.no_progress)
     run_bench(cfg)

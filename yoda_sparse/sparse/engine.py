@@ -77,7 +77,9 @@ class SparseUNet:
             one per level (the last repeats for deeper levels).
         norm_stats: "current" (group-norm statistics over the current map every step) or
             "frozen" (those of the last dense step); see yoda_sparse.sparse.norm.
-        refresh_every: run a whole dense step every k steps (0: never after the first).
+        refresh_every: run a whole dense step every k steps (0: never after the first). The
+            default 8 keeps the bundled SR3 checkpoint within 0.03 dB of dense-engine YODA at
+            100 steps, where without refreshes it drifted by 0.5 dB (benchmarks/RESULTS.md).
         cost_model: a :class:`CostModel` (default: measured on this device, cached on disk),
             or a float: one fixed dense threshold for every level (2.0: never dense; 0.0:
             always dense).
@@ -85,7 +87,7 @@ class SparseUNet:
     """
 
     def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int = 2, halo: int = 0,
-                 norm_stats: str = "current", refresh_every: int = 0, cost_model: CostModel | float | None = None,
+                 norm_stats: str = "current", refresh_every: int = 8, cost_model: CostModel | float | None = None,
                  backend: str | None = None):
         self.model = model
         self.unet = unet_of(model)
@@ -170,10 +172,14 @@ class SparseUNet:
             self._input_key = key
             self._keep = (x_up, cond)  # keeps the ids above from being reused while cached
         sizes = level_sizes(self.unet, H, W)
-        record = {"step": self._step, "fractions": None, "dense": None, "model": False}
+        record = {"step": self._step, "fractions": None, "dense": None, "model": False, "refresh": False}
         if bool(mask.all()):
-            # every pixel active: the model itself; the cache is not kept up to date by it
+            # every pixel active: the model itself. The cache would be stale after it, and
+            # masks only grow, so it is dropped (memory back; a later partial mask refills it)
             eps = self._model_eps(z, noise_level, x_up, t, cond)
+            if self.maps:
+                self.maps.clear()
+                self.frozen_stats.clear()
             self._filled = False
             record.update(fractions=[1.0] * len(sizes), dense=[True] * len(sizes), model=True)
         else:
@@ -188,7 +194,8 @@ class SparseUNet:
                 eps = srdiff_step(ctx, self.unet, zc, t, self._cond_hr)
             eps = eps.contiguous()
             self._filled = True
-            record.update(fractions=[p.fraction for p in plans], dense=[p.dense for p in plans])
+            record.update(fractions=[p.fraction for p in plans], dense=[p.dense for p in plans],
+                          refresh=any(p.refresh for p in plans))
         self.history.append(record)
         self._step += 1
         return eps
@@ -203,18 +210,24 @@ class SparseUNet:
     def _plans(self, mask: torch.Tensor, sizes, z) -> list[LevelPlan]:
         maps = level_tile_maps(mask, len(sizes), self.tile, self.min_tile, self.halo)
         tiles = level_tile_sizes(len(sizes), self.tile, self.min_tile)
-        refresh = not self._filled or (self.refresh_every and self._step % self.refresh_every == 0)
+        fill = not self._filled
+        # a refresh recomputes every tile through the sparse layers, in the cache's own buffers
+        # (a dense pass would allocate every map afresh: page faults, ~10% slower here)
+        refresh = self._filled and bool(self.refresh_every) and self._step % self.refresh_every == 0
         channels = self._level_channels()
         plans = []
         for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
             frac = float(tm.float().mean())
             work = sparse_work(tm, t, size[1])
-            if refresh:
+            if fill:
                 dense = True
+            elif refresh:
+                dense = False
+                tm = torch.ones_like(tm)
             else:
                 thr = self.cost_model.threshold(z.device, z.dtype, z.shape[0], channels[lvl], size, t, self.backend)
                 dense = work >= thr
-            plan = LevelPlan(lvl, size, t, tm, frac, dense, work)
+            plan = LevelPlan(lvl, size, t, tm, frac, dense, work, refresh=refresh)
             if not dense:
                 plan.tiles, plan.count = tile_list(tm)
             plans.append(plan)

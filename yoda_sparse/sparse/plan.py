@@ -28,7 +28,8 @@ class LevelPlan:
     tile_map: bool [B, nH, nW] active tiles; tiles/count: its :func:`ops.tile_list`;
     tile: tile side in level pixels; fraction: active tiles / all tiles (mean over the batch);
     work: the share of a dense convolution's output columns a sparse one computes, counting
-    the two halo columns every run of adjacent tiles adds (:func:`sparse_work`).
+    the two halo columns every run of adjacent tiles adds (:func:`sparse_work`);
+    refresh: every tile is recomputed (a refresh step), whatever the mask.
     """
 
     level: int
@@ -38,6 +39,7 @@ class LevelPlan:
     fraction: float
     dense: bool
     work: float = 1.0
+    refresh: bool = False
     tiles: torch.Tensor | None = None
     count: torch.Tensor | None = None
     _pixels: torch.Tensor | None = None
