@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["InsufficientMemoryError", "MemoryEstimate", "model_peak_bytes", "estimate_sample_memory",
+__all__ = ["InsufficientMemoryError", "MemoryEstimate", "traced_peak_bytes", "model_peak_bytes", "estimate_sample_memory",
            "available_memory", "check_memory", "format_bytes", "MEMORY_LIMIT_ENV"]
 
 #: caps the memory :func:`available_memory` reports (bytes, or with a K/M/G/T suffix), e.g. to
@@ -39,10 +39,18 @@ MEMORY_LIMIT_ENV = "YODA_SPARSE_MEMORY_LIMIT"
 #: activations: state z, the LR branch's mean, this and the previous step's noise and noise
 #: prediction (3 channels each), the float64 activation time (2 values' worth), the masks
 SAMPLER_BYTES_PER_PIXEL = 3 * 5 + 3
-#: bytes per output pixel while the attention map is extracted (x_up, the map; the edge
-#: method's float64 image, gray levels and Canny stages), measured for the bundled methods
-ATTENTION_BYTES_PER_PIXEL = {"gaussian": 32, "edge": 160, "sift": 160}
-DEFAULT_ATTENTION_BYTES_PER_PIXEL = 160
+#: bytes per output pixel while the attention map is extracted (x_up, the map, and the method's
+#: own work: the edge method's float64 image, gray levels and Canny stages; SIFT's scale space),
+#: measured on CPU at a 2048x2048 output (DINO's network runs at a fixed input size)
+ATTENTION_BYTES_PER_PIXEL = {"gaussian": 40, "edge": 400, "sift": 1300, "dino": 120}
+DEFAULT_ATTENTION_BYTES_PER_PIXEL = 1300
+#: the traced UNet activations times this: oneDNN's blocked-format copies of convolution
+#: inputs and outputs and the allocator's slack between tiles, which the trace can't see
+#: (measured on CPU with the tiny checkpoint: peak RSS 0.98-1.33x the traced bytes)
+UNET_OVERHEAD = 1.4
+#: bytes a first run allocates whatever its size (oneDNN's generated kernels, the thread pool,
+#: image codecs, lazily imported modules): measured about 70 MiB on CPU
+FIXED_BYTES = 96 << 20
 #: bytes per output pixel while the result is saved: the float32 image, its uint8 copy, the
 #: PIL image and the PNG encoder's buffers
 SAVE_BYTES_PER_PIXEL = 12 + 3 + 3 + 6
@@ -104,26 +112,37 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def model_peak_bytes(diff, lr_size, *, batch: int = 1, dtype=torch.float32, device="cpu") -> int:
-    """Peak bytes of the tensors alive while ``diff`` prepares its conditioning and predicts
-    the noise once for an LR input of ``lr_size = (h, w)`` (the sampler's inner loop; the
-    parameters are not counted).  Runs on fake tensors: takes milliseconds, allocates nothing."""
+def traced_peak_bytes(fn, *args, **kwargs) -> int:
+    """Peak bytes of the tensors alive while ``fn(*args, **kwargs)`` runs on fake tensors
+    (shapes only: nothing is computed or allocated; real tensors among the inputs and
+    parameters are read as fakes and not counted).  ``fn`` creates its own inputs or gets them
+    as arguments; it runs under ``torch.no_grad``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    h, w = (int(v) for v in lr_size)
-    H, W = h * diff.scale, w * diff.scale
-    device = torch.device(device)
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
         tracker = _LiveBytes()
         with tracker:
-            lr = torch.empty((batch, 3, h, w), dtype=dtype, device=device)
-            x_up, x_bar, cond = diff._prepare(lr)
-            z = torch.empty((batch, 3, H, W), dtype=dtype, device=device)
-            t = torch.ones(batch, dtype=torch.long, device=device)
-            level = torch.ones(batch, dtype=dtype, device=device)
-            eps = diff._predict_noise(z, t, level, x_up, cond)
-            del eps, x_up, x_bar, cond, z
+            fn(*args, **kwargs)
         return int(tracker.peak)
+
+
+def model_peak_bytes(diff, lr_size, *, batch: int = 1, dtype=torch.float32, device="cpu") -> int:
+    """Peak bytes of the tensors alive while ``diff`` prepares its conditioning and predicts
+    the noise once for an LR input of ``lr_size = (h, w)`` (the sampler's inner loop; the
+    parameters are not counted), by :func:`traced_peak_bytes`: milliseconds, no allocation."""
+    h, w = (int(v) for v in lr_size)
+    H, W = h * diff.scale, w * diff.scale
+    device = torch.device(device)
+
+    def predict():
+        lr = torch.empty((batch, 3, h, w), dtype=dtype, device=device)
+        x_up, x_bar, cond = diff._prepare(lr)
+        z = torch.empty((batch, 3, H, W), dtype=dtype, device=device)
+        t = torch.ones(batch, dtype=torch.long, device=device)
+        level = torch.ones(batch, dtype=dtype, device=device)
+        diff._predict_noise(z, t, level, x_up, cond)
+
+    return traced_peak_bytes(predict)
 
 
 def estimate_sample_memory(diff, lr_size, *, batch: int = 1, dtype=torch.float32, device="cpu",
@@ -136,7 +155,7 @@ def estimate_sample_memory(diff, lr_size, *, batch: int = 1, dtype=torch.float32
     tile, overlap: as for :func:`yoda_sparse.tiling.sample_tiled` (None or 0: untiled).
     save, save_masks: include writing the result (and the ``--save-masks`` strip).
     """
-    from .tiling import tile_starts
+    from .tiling import check_tiling, tile_starts
 
     h, w = (int(v) for v in lr_size)
     s = diff.scale
@@ -144,6 +163,7 @@ def estimate_sample_memory(diff, lr_size, *, batch: int = 1, dtype=torch.float32
     size = torch.empty((), dtype=dtype).element_size()
     pixels = batch * H * W
     if tile:
+        tile, overlap = check_tiling(diff, tile, overlap)
         th, tw = min(tile, H), min(tile, W)
         tiled = len(tile_starts(H, tile, overlap)) * len(tile_starts(W, tile, overlap)) > 1
     else:
@@ -151,7 +171,7 @@ def estimate_sample_memory(diff, lr_size, *, batch: int = 1, dtype=torch.float32
     call_pixels = batch * th * tw
     model = model_peak_bytes(diff, (th // s, tw // s), batch=batch, dtype=dtype, device=device)
     parts = {
-        "UNet activations": model,
+        "UNet activations": int(UNET_OVERHEAD * model),
         "sampler state": SAMPLER_BYTES_PER_PIXEL * size * call_pixels,
         # the whole image: its output (the tiles' accumulator) and its attention map (at the
         # output size when tiled, cropped per tile)
@@ -160,14 +180,15 @@ def estimate_sample_memory(diff, lr_size, *, batch: int = 1, dtype=torch.float32
     sampling = sum(parts.values())
     other = {}
     if attention:
-        per_px = ATTENTION_BYTES_PER_PIXEL.get(attention, DEFAULT_ATTENTION_BYTES_PER_PIXEL)
+        key = "dino" if attention.startswith("dino") else attention
+        per_px = ATTENTION_BYTES_PER_PIXEL.get(key, DEFAULT_ATTENTION_BYTES_PER_PIXEL)
         other["attention map"] = per_px * pixels
     if save:
         other["saving"] = SAVE_BYTES_PER_PIXEL * pixels
     if save_masks and attention:
         other["mask strip"] = 8 * MASK_STRIP_BYTES_PER_PIXEL_STEP * pixels
-    total = max([sampling, *other.values()])
-    return MemoryEstimate(int(total), {**parts, **other})
+    total = FIXED_BYTES + max([sampling, *other.values()])
+    return MemoryEstimate(int(total), {"fixed": FIXED_BYTES, **parts, **other})
 
 
 def _parse_bytes(text: str) -> int:

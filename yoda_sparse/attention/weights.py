@@ -58,18 +58,31 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return dict(load_file(path, device="cpu"))
+        try:
+            return dict(load_file(path, device="cpu"))
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header
+            raise ValueError(f"weights file {path!r} is not a readable safetensors file ({_first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of tensors at all
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip()
+            raise ValueError(f"weights file {path!r} is corrupt or not a torch.save file ({_first_line(detail)})") from None
         raise ValueError(
             f"weights file {path!r} holds more than tensors and can't be read with "
             f"weights_only=True (e.g. DINO's full training checkpoint stores argparse args); "
             f"extract the backbone state dict first, e.g. torch.save(ckpt['teacher'], 'backbone.pth'). "
             f"Detail: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # e.g. a truncated zip archive
+        raise ValueError(f"weights file {path!r} is corrupt or not a torch.save file ({_first_line(e)})") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"weights file {path!r} must hold a state dict, got {type(obj).__name__}")
     return _unwrap(obj, path)
+
+
+def _first_line(e) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(e).__name__
 
 
 def _unwrap(obj: Mapping, path: str) -> Dict[str, torch.Tensor]:
