@@ -42,13 +42,15 @@ def _child(argv) -> int:
     from yoda_sparse.diffusion import load_diffusion
     from yoda_sparse.imageio import load_image
     from yoda_sparse.memory import estimate_sample_memory
+    from yoda_sparse.tiling import default_overlap
 
     args = build_parser().parse_args(argv)
     diff, _, _ = load_diffusion(args.checkpoint)
     lr, _ = load_image(args.inputs[0])
     method = None if args.dense else (args.attention or diff.yoda.attention)
+    overlap = args.tile_overlap if args.tile_overlap is not None else default_overlap(args.tile, diff.scale)
     est = estimate_sample_memory(diff, tuple(lr.shape[-2:]), attention=method, tile=args.tile or None,
-                                 overlap=args.tile_overlap, save=True)
+                                 overlap=overlap if args.tile else 0, save=True)
     scale = diff.scale
     del diff, lr
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

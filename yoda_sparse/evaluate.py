@@ -161,11 +161,6 @@ def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=Non
     limit = _positive_or_none(names["limit"], limit)
     steps = _positive_or_none(names["steps"], steps)
     device = check_device(str(device), option=names["device"])
-    out = check_output_folder(out_dir, option=names["out"])
-    if not overwrite:
-        existing = [out / f for f in OUTPUT_FILES if (out / f).exists()]
-        if existing:
-            raise ValueError(f"{names['out']}: {existing[0]} exists; pass {names['overwrite']} to replace the results")
     diff, config, extra = load_diffusion(checkpoint, map_location=device)
     check_steps(diff, steps, names["steps"])
     if lower_bound is not None:
@@ -188,9 +183,6 @@ def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=Non
         if m and m not in extractors:
             extractors[m] = build_extractor(m, None, device, names=(names["ratio_methods"], ""))
     runs = (["yoda"] if method else []) + (["dense"] if dense or not method else [])
-    check_memory(estimate_sample_memory(diff, (size // diff.scale,) * 2, device=device, attention=method),
-                 device, what=f"sampling a {size}x{size} crop", hint=f"use a smaller {names['crop']}")
-
     paths = collect_images(data)
     if limit is not None:
         paths = paths[:limit]
@@ -199,6 +191,13 @@ def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=Non
         log(f"skipping {b['reason']}")
     if not good:
         raise ValueError(f"none of the {len(paths)} images can be evaluated: {skipped[0]['reason']}")
+    out = check_output_folder(out_dir, option=names["out"])
+    if not overwrite:
+        existing = [out / f for f in OUTPUT_FILES if (out / f).exists()]
+        if existing:
+            raise ValueError(f"{names['out']}: {existing[0]} exists; pass {names['overwrite']} to replace the results")
+    check_memory(estimate_sample_memory(diff, (size // diff.scale,) * 2, device=device, attention=method),
+                 device, what=f"sampling a {size}x{size} crop", hint=f"use a smaller {names['crop']}")
 
     lpips_metric, lpips_reason = try_lpips(backbone_weights=lpips_backbone, device=device)
     if lpips_metric is None:

@@ -23,7 +23,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_TILE", "DEFAULT_OVERLAP", "tile_multiple", "check_tiling", "tile_starts", "blend_weights",
+__all__ = ["DEFAULT_TILE", "DEFAULT_OVERLAP", "default_overlap", "tile_multiple", "check_tiling", "tile_starts", "blend_weights",
            "count_tiles", "sample_tiled", "mask_statistics"]
 
 #: default tile side and overlap, in output (HR) pixels
@@ -35,6 +35,12 @@ def tile_multiple(diff) -> int:
     """What a tile side (output pixels) must be a multiple of: the scale (a tile starts and ends
     on LR pixels) and the UNet's size multiple."""
     return math.lcm(int(getattr(diff.model, "size_multiple", 1)), int(diff.scale))
+
+
+def default_overlap(tile: int, scale: int) -> int:
+    """The overlap used when none is given: :data:`DEFAULT_OVERLAP`, or a quarter of a smaller
+    tile (rounded down to a multiple of ``scale``)."""
+    return min(DEFAULT_OVERLAP, (tile // 4) // scale * scale)
 
 
 def _int_arg(name: str, value, minimum: int) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import check_device, check_output_folder, non_negative_int, open_unit_float, positive_int
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, default_overlap
 
 MIN_LR_SIDE = 8  # below this the bicubic conditioning carries almost no information
 
@@ -38,8 +38,9 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=non_negative_int, default=DEFAULT_TILE,
                    help=f"sample outputs larger than TILE x TILE pixels in overlapping tiles of that size "
                         f"(default {DEFAULT_TILE}; 0: never tile)")
-    p.add_argument("--tile-overlap", type=non_negative_int, default=DEFAULT_OVERLAP,
-                   help=f"output pixels that neighbouring tiles share and blend (default {DEFAULT_OVERLAP})")
+    p.add_argument("--tile-overlap", type=non_negative_int, default=None,
+                   help=f"output pixels that neighbouring tiles share and blend (default {DEFAULT_OVERLAP}, or a "
+                        f"quarter of a tile under {4 * DEFAULT_OVERLAP})")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: an error)")
     p.add_argument("--save-attention", action="store_true", help="also write NAME_attention.png")
     p.add_argument("--save-masks", action="store_true", help="also write NAME_masks.png (mask over time)")
@@ -141,8 +142,12 @@ def upscale_from_args(args) -> int:
     check_steps(diff, args.steps)
     if args.lower_bound is not None:
         diff.yoda = replace(diff.yoda, lower_bound=args.lower_bound)
+    overlap = 0
     if args.tile:
-        check_tiling(diff, args.tile, args.tile_overlap, names=("--tile", "--tile-overlap"))
+        overlap = args.tile_overlap if args.tile_overlap is not None else default_overlap(args.tile, diff.scale)
+        check_tiling(diff, args.tile, overlap, names=("--tile", "--tile-overlap"))
+    elif args.tile_overlap is not None:
+        raise ValueError("--tile-overlap: --tile 0 samples without tiles")
     method = args.attention or diff.yoda.attention
     extractor = None
     if not args.dense and not method:
@@ -178,7 +183,7 @@ def upscale_from_args(args) -> int:
             raise ImageError(f"{path}: image is {w}x{h}, smaller than the minimum {MIN_LR_SIDE}x{MIN_LR_SIDE}")
         hp, wp = -(-h // multiple) * multiple, -(-w // multiple) * multiple
         est = estimate_sample_memory(diff, (hp, wp), device=device, attention=method if extractor else None,
-                                     tile=args.tile or None, overlap=args.tile_overlap, save=True,
+                                     tile=args.tile or None, overlap=overlap, save=True,
                                      save_masks=args.save_masks)
         check_memory(est, device, what=f"upscaling {path} ({w}x{h} -> {w * s}x{h * s})",
                      hint=_memory_hint(diff, (hp, wp), args, device, method if extractor else None))
@@ -195,7 +200,7 @@ def upscale_from_args(args) -> int:
             attn = extractor(bicubic_upscale(lr_p, s))
         g = torch.Generator().manual_seed(args.seed)
         if args.tile:
-            res = sample_tiled(diff, lr_p, attn, tile=args.tile, overlap=args.tile_overlap, steps=args.steps,
+            res = sample_tiled(diff, lr_p, attn, tile=args.tile, overlap=overlap, steps=args.steps,
                                generator=g, progress=not args.no_progress)
         else:
             res = diff.sample(lr_p, attn, steps=args.steps, generator=g, progress=not args.no_progress)
@@ -244,11 +249,14 @@ def _memory_hint(diff, lr_size, args, device, method) -> str:
     start = args.tile or max(lr_size) * diff.scale
     tile = (start // 2) // m * m
     while tile >= m:
-        overlap = min(args.tile_overlap, tile // 2) // diff.scale * diff.scale
+        if args.tile_overlap is None:
+            overlap = default_overlap(tile, diff.scale)
+        else:
+            overlap = min(args.tile_overlap, tile // 2) // diff.scale * diff.scale
         est = estimate_sample_memory(diff, lr_size, device=device, attention=method, tile=tile, overlap=overlap,
                                      save=True, save_masks=args.save_masks)
         if avail is None or est.total <= avail:
-            extra = f" --tile-overlap {overlap}" if overlap != args.tile_overlap else ""
+            extra = f" --tile-overlap {overlap}" if args.tile_overlap not in (None, overlap) else ""
             return f"pass --tile {tile}{extra} to sample in smaller tiles"
         tile = (tile // 2) // m * m
     return ("the image's own buffers (attention map, output) do not fit even with the smallest tiles: "
