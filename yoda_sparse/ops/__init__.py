@@ -64,8 +64,7 @@ def _check_mask(mask, ref: torch.Tensor, *, allow_float: bool) -> None:
     if mask.dtype != torch.bool and mask.numel() and not _tracing():
         # weights outside [0, 1] or NaN would give a negative or NaN loss; one host sync, float
         # masks only (eq. 9 masks are bool)
-        lo, hi = torch.aminmax(mask.detach())
-        lo, hi = float(lo), float(hi)
+        lo, hi = torch.stack(torch.aminmax(mask.detach())).tolist()
         if lo != lo or hi != hi:
             raise ValueError("mask contains NaN (weights must be finite, in [0, 1])")
         if not (0.0 <= lo and hi <= 1.0):
