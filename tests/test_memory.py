@@ -4,8 +4,9 @@ of a real run, and the refusal that names --tile.
 Measured with benchmarks/peak_memory.py on a 2-core AMD EPYC (demo checkpoint sr3_tiny, 1 step,
 see benchmarks/RESULTS.md): `upscale` of a 3000x20 image (output 12000x80) peaks at 1.0 GiB RSS
 (151 MiB above the idle process) with the default tiles, 1.8 GiB untiled (issue 13 saw 19 GB and
-the OOM killer); the full 3000x20 and 2048x2048 runs take minutes here, so the suite runs a
-smaller untiled case whose attention would need 0.8 GB on the math path.
+the OOM killer); a 2048x2048 image (output 8192x8192, 361 tiles) at 3.0 GiB.  Those runs take
+minutes to half an hour here, so the suite runs a smaller untiled case whose attention would
+need 0.8 GB more on the math path, and checks the estimates of the issue's cases.
 """
 from __future__ import annotations
 
