@@ -50,7 +50,7 @@ def test_upscale_end_to_end(tiny_checkpoints, images, tmp_path, capsys):
     assert (out / "a_attention.png").exists() and (out / "a_masks.png").exists()
     assert "update ratio" in capsys.readouterr().out
     rc = main(["upscale", str(images["a"]), "--out", str(out), "--checkpoint", str(tiny_checkpoints["srdiff_tiny"]),
-               "--steps", "3", "--dense", "--no-progress"])
+               "--steps", "3", "--dense", "--no-progress", "--overwrite"])  # a_x4.png exists
     assert rc == 0
 
 

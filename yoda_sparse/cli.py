@@ -63,15 +63,25 @@ def _cmd_info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, naming the flag (``error: yoda-sparse upscale: argument
+    --steps: must be a positive integer, got '0'``), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="yoda-sparse", description="Area-masked diffusion super-resolution (YODA).")
+    from .argtypes import open_unit_float, positive_int
+
+    p = _Parser(prog="yoda-sparse", description="Area-masked diffusion super-resolution (YODA).")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     def mask_args(q):
         q.add_argument("--out", default="out/demo", help="output folder (created)")
         q.add_argument("--image", default="astronaut", help="bundled image for the mask demo")
-        q.add_argument("--lower-bound", type=float, default=0.2)
+        q.add_argument("--lower-bound", type=open_unit_float, default=0.2)
         q.add_argument("--dino-weights", help="local DINO weights file: adds the DINO MAX map to the demo")
         q.add_argument("--dino-arch", choices=["resnet50", "vits8"], default="resnet50")
 
@@ -79,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     mask_args(d)
     d.add_argument("--checkpoint", help="demo checkpoint (default: the better bundled one)")
     d.add_argument("--sr-image", default="coffee", help="held-out bundled image for the SR part")
-    d.add_argument("--steps", type=int, default=100, help="respace sampling to this many steps (default 100)")
-    d.add_argument("--size", type=int, default=128, help="HR size of the SR demo's centre crop")
+    d.add_argument("--steps", type=positive_int, default=100, help="respace sampling to this many steps (default 100)")
+    d.add_argument("--size", type=positive_int, default=128, help="HR size of the SR demo's centre crop")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--timing-size", type=int, default=256,
                    help="image side for timing the published SR3 architecture dense vs sparse (0: skip)")

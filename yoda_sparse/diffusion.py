@@ -20,6 +20,7 @@ so a YODA run with an all-ones mask is exactly the dense run.
 from __future__ import annotations
 
 import abc
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -181,7 +182,17 @@ def _check_images(name: str, x, channels: int = 3) -> torch.Tensor:
         raise TypeError(f"{name} must be a float tensor in [0, 1], got {x.dtype}")
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"{name} must have shape [B, {channels}, H, W], got {tuple(x.shape)}")
+    _check_range(name, x)
     return x
+
+
+def _check_range(name: str, x: torch.Tensor) -> None:
+    """Values finite and in [0, 1] (one host sync; skipped under torch.compile / graph capture)."""
+    if x.numel() == 0 or torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
+    if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+        raise ValueError(f"{name} must hold finite values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
 
 class _DiffusionSR(abc.ABC):
@@ -314,6 +325,9 @@ class _DiffusionSR(abc.ABC):
         _check_images("lr", lr)
         if seed is not None and generator is not None:
             raise ValueError("pass either generator or seed, not both")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                                  or not 1 <= steps <= self.schedule.num_steps):
+            raise ValueError(f"steps must be an integer in [1, {self.schedule.num_steps}] (the training steps), got {steps!r}")
         sparse_engine = self._sparse_engine(engine, engine_options, yoda_run=attn is not None)
         B = lr.shape[0]
         H, W = lr.shape[2] * self.scale, lr.shape[3] * self.scale

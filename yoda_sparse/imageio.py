@@ -53,13 +53,14 @@ class ImageError(ValueError):
 
 # --------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def atomic_write(path, *, make_dirs: bool = False) -> Iterator:
+def atomic_write(path, *, make_dirs: bool = False, overwrite: bool = True) -> Iterator:
     """:func:`yoda_sparse.atomic.atomic_write` (binary), with a missing parent folder reported
-    as :class:`ImageError` unless ``make_dirs=True``."""
+    as :class:`ImageError` unless ``make_dirs=True``; ``overwrite=False`` refuses to replace an
+    existing file (FileExistsError)."""
     path = Path(path)
     if not make_dirs and not path.parent.is_dir():
         raise ImageError(f"cannot write {path}: folder {path.parent} does not exist (pass make_dirs=True to create it)")
-    with _atomic_write(path, make_dirs=make_dirs) as f:
+    with _atomic_write(path, make_dirs=make_dirs, overwrite=overwrite) as f:
         yield f
 
 
@@ -229,12 +230,24 @@ def _check_image_tensor(img, name: str) -> torch.Tensor:
     return img
 
 
-def save_image(img: torch.Tensor, path, *, make_dirs: bool = False, quality: int = 95) -> Path:
+def _quantise(img: torch.Tensor, rows: int = 256) -> np.ndarray:
+    """uint8 [H, W, 3] of ``round(255 * img)`` ([3, H, W] in range), ``rows`` rows at a time
+    so that a large image needs no float64 copy of itself."""
+    _, H, W = img.shape
+    arr = np.empty((H, W, 3), dtype=np.uint8)
+    for r in range(0, H, rows):
+        q = torch.round(img[:, r:r + rows].detach().to(torch.float64).cpu() * 255.0).clamp_(0, 255)  # clamp: no-op after the range check
+        arr[r:r + rows] = q.to(torch.uint8).permute(1, 2, 0).numpy()
+    return arr
+
+
+def save_image(img: torch.Tensor, path, *, make_dirs: bool = False, quality: int = 95, overwrite: bool = True) -> Path:
     """Write ``img`` ([3,H,W] or [1,3,H,W] float in [0,1]) as an 8-bit RGB file, atomically.
 
     Values are quantised as ``round(255 * x)`` (values up to 1e-3 outside [0, 1] round into
     range; anything further out is an error).  The format follows the suffix (.png, .jpg,
-    .jpeg, .bmp, .tif, .webp, ...; JPEG/WebP use ``quality``).  Returns the path written.
+    .jpeg, .bmp, .tif, .webp, ...; JPEG/WebP use ``quality``).  ``overwrite=False`` refuses to
+    replace an existing file (:class:`ImageError`).  Returns the path written.
     """
     from PIL import Image
 
@@ -247,15 +260,15 @@ def save_image(img: torch.Tensor, path, *, make_dirs: bool = False, quality: int
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise ImageError(f"cannot write {path}: unknown image suffix {path.suffix!r} (use .png or .jpg)")
-    q = torch.round(img.detach().to(torch.float64).cpu() * 255.0).clamp_(0, 255)  # clamp is a no-op after the range check
-    arr = q.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    pil = Image.fromarray(arr)  # uint8 [H, W, 3] -> mode RGB
+    pil = Image.fromarray(_quantise(img))  # uint8 [H, W, 3] -> mode RGB
     kwargs = {"quality": int(quality)} if fmt in ("JPEG", "WEBP") else {}
     try:
-        with atomic_write(path, make_dirs=make_dirs) as f:
+        with atomic_write(path, make_dirs=make_dirs, overwrite=overwrite) as f:
             pil.save(f, format=fmt, **kwargs)
     except ImageError:
         raise
+    except FileExistsError:
+        raise ImageError(f"cannot write {path}: the file exists (not replaced)") from None
     except OSError as e:
         raise ImageError(f"cannot write {path}: {e}") from None
     return path

@@ -10,6 +10,8 @@ many steps), so a run's pixel-update ratio is ``mean(min(1, M + l))``.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,8 @@ def check_attention(attn: torch.Tensor, *, name: str = "attn", clamp: bool = Fal
 
 
 def _check_lower_bound(lower_bound) -> float:
+    if isinstance(lower_bound, bool) or not isinstance(lower_bound, numbers.Real):
+        raise TypeError(f"lower_bound must be a number in (0, 1), got {type(lower_bound).__name__} {lower_bound!r}")
     lb = float(lower_bound)
     if not 0 < lb < 1:
         raise ValueError(f"lower_bound must lie in (0, 1), got {lower_bound!r}")
@@ -50,15 +54,49 @@ def _check_lower_bound(lower_bound) -> float:
 
 
 def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral):
+        raise TypeError(f"T must be a positive integer (training timesteps), got {type(T).__name__} {T!r}")
+    if T < 1:
         raise ValueError(f"T must be a positive integer (training timesteps), got {T!r}")
-    return T
+    return int(T)
+
+
+def _check_t(t, T: int) -> float:
+    """A timestep in [0, T]: a real number, or a tensor holding exactly one real value."""
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"t must be one timestep (a number or a one-element tensor), got a tensor of shape {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must be a real timestep, got a {t.dtype} tensor")
+        value = float(t.item())
+    elif isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"t must be a number in [0, T] (or a one-element tensor), got {type(t).__name__} {t!r}")
+    else:
+        value = float(t)
+    if not 0 <= value <= T:  # NaN fails too
+        raise ValueError(f"t must lie in [0, T={T}], got {value}")
+    return value
+
+
+def _check_size(size):
+    if size is None:
+        return None
+    try:
+        pair = tuple(size)
+    except TypeError:
+        raise TypeError(f"size must be None or (H, W), got {type(size).__name__} {size!r}") from None
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
+        raise TypeError(f"size must be None or (H, W) of two integers, got {size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"size must be (H, W) with H, W >= 1, got {size!r}")
+    return (int(pair[0]), int(pair[1]))
 
 
 def _resize(attn: torch.Tensor, size) -> torch.Tensor:
-    if size is None or tuple(attn.shape[-2:]) == tuple(size):
+    size = _check_size(size)
+    if size is None or tuple(attn.shape[-2:]) == size:
         return attn
-    return F.interpolate(attn, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return F.interpolate(attn, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def activation_time(attn: torch.Tensor, T: int, lower_bound: float, *, size=None, clamp: bool = False) -> torch.Tensor:
@@ -75,14 +113,14 @@ def time_mask(attn: torch.Tensor, t, T: int, lower_bound: float, *, size=None, c
 
     Args:
         attn: attention map, floating [B,1,h,w] in [0, 1]; resized bilinearly to ``size``.
-        t: timestep in [0, T] (a Python number or a 0-d tensor).
+        t: timestep in [0, T] (a Python number or a one-element tensor).
         T: number of training timesteps.
         lower_bound: l in (0, 1).
+        size: None or (H, W), positive.
+    Strings and other non-numbers are a TypeError, never converted.
     """
     T = _check_T(T)
-    t_val = float(t.item() if isinstance(t, torch.Tensor) else t)
-    if not 0 <= t_val <= T:
-        raise ValueError(f"t must lie in [0, T={T}], got {t_val}")
+    t_val = _check_t(t, T)
     return activation_time(attn, T, lower_bound, size=size, clamp=clamp) >= t_val
 
 

@@ -173,8 +173,10 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         heads = self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(b, 3, heads, c // heads, h * w)
-        # [B, heads, HW, d] for scaled_dot_product_attention
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))
+        # [B, heads, HW, d] for scaled_dot_product_attention; contiguous, since the fused
+        # (flash / memory-efficient) kernels need a unit stride in d and otherwise the math
+        # path materialises the [HW, HW] scores (14 GB at 60000 positions)
+        q, k, v = (qkv[:, i].transpose(-1, -2).contiguous() for i in range(3))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.out(out)

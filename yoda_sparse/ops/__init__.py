@@ -67,6 +67,19 @@ def _check_mask(mask, ref: torch.Tensor, *, allow_float: bool) -> None:
         raise ValueError(f"mask must have shape [B, 1, H, W] = {(B, 1, H, W)} (broadcast over channels), got {tuple(shape)}")
     if mask.device != ref.device:
         raise ValueError(f"mask must be on the device of the images ({ref.device}), got {mask.device}")
+    if mask.dtype != torch.bool and mask.numel() and not _tracing():
+        # weights outside [0, 1] or NaN would give a negative or NaN loss; one host sync, float
+        # masks only (eq. 9 masks are bool)
+        lo, hi = torch.stack(torch.aminmax(mask.detach())).tolist()
+        if lo != lo or hi != hi:
+            raise ValueError("mask contains NaN (weights must be finite, in [0, 1])")
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"mask must hold weights in [0, 1] (finite), got values in [{lo:.4g}, {hi:.4g}]")
+
+
+def _tracing() -> bool:
+    """torch.compile tracing or CUDA-graph capture: no host sync, no data-dependent check."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 # ---------------------------------------------------------------------------- masked L1 loss
@@ -82,12 +95,16 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
             active pixels (the mean error over the active area; 0 for an empty mask);
             "sum" returns the plain sum.
     Returns: a 0-d tensor of pred's dtype (accumulated in float32, float64 for float64).
+    An empty batch (any dimension 0) gives 0 for every ``normalize``. A floating mask must hold
+    finite weights in [0, 1] (checked except under torch.compile and CUDA-graph capture).
     """
     _check_float("pred", pred)
     _check_like("target", target, pred, "pred")
     _check_mask(mask, pred, allow_float=True)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if pred.numel() == 0:  # 0, not 0/0, and still connected to pred and target for autograd
+        return (pred - target).abs().sum()
     return dispatch("masked_l1_loss", pred, target, mask, normalize, backend=backend)
 
 
