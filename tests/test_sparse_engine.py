@@ -156,7 +156,10 @@ def test_sample_with_the_sparse_engine():
     with pytest.raises(ValueError, match="engine"):
         diff.sample(lr, attn, steps=2, progress=False, engine="fast")
     with pytest.raises(ValueError, match="engine_options"):
-        diff.sample(lr, attn, steps=2, progress=False, engine_options=dict(halo=1))
+        diff.sample(lr, attn, steps=2, progress=False, engine="dense", engine_options=dict(halo=1))
+    # "auto" keeps models too small to pay (this one: ~0.5 GFLOP per step) on the dense engine
+    small = diff.sample(lr, attn, steps=2, progress=False, engine="auto")
+    assert small.extras["engine"] == "dense"
 
 
 def test_unsupported_layers_and_bad_input_name_the_argument():

@@ -336,9 +336,14 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- command line
-def add_engine_arguments(q) -> None:
-    """The SparseUNet options, shared by bench, upscale and eval."""
-    q.add_argument("--tile", type=int, default=None, help="sparse engine: tile side at full resolution (default 8)")
+def add_engine_arguments(q, *, with_engine: bool = True) -> None:
+    """The engine choice and the SparseUNet options, shared by bench, upscale and eval."""
+    if with_engine:
+        q.add_argument("--engine", choices=("auto", "dense", "sparse"), default="auto",
+                       help="YODA runs: 'sparse' computes the UNet only on each step's active tiles, 'dense' "
+                            "everywhere; 'auto' (default) is sparse where the model is large enough to pay")
+    q.add_argument("--sparse-tile", type=int, default=None,
+                   help="sparse engine: tile side at full resolution (default 8)")
     q.add_argument("--min-tile", type=int, default=None, help="sparse engine: smallest tile side at deep levels")
     q.add_argument("--halo", type=int, default=None, help="sparse engine: dilation of active tiles, in tiles")
     q.add_argument("--norm-stats", choices=("current", "frozen"), default=None,
@@ -351,8 +356,9 @@ def add_engine_arguments(q) -> None:
 
 def engine_options_from_args(args) -> dict:
     opts = {}
-    for name in ("tile", "min_tile", "halo", "norm_stats", "refresh_every"):
-        v = getattr(args, name, None)
+    for flag, name in (("sparse_tile", "tile"), ("min_tile", "min_tile"), ("halo", "halo"),
+                       ("norm_stats", "norm_stats"), ("refresh_every", "refresh_every")):
+        v = getattr(args, flag, None)
         if v is not None:
             opts[name] = v
     if getattr(args, "dense_threshold", None) is not None:
@@ -375,7 +381,7 @@ def add_bench_arguments(q) -> None:
     q.add_argument("--repeats", type=int, default=1, help="runs of each engine per mask source (median)")
     q.add_argument("--out", default="out/bench", help="folder for bench.md/json and the plots")
     q.add_argument("--no-progress", action="store_true")
-    add_engine_arguments(q)
+    add_engine_arguments(q, with_engine=False)
 
 
 def bench_from_args(args) -> int:

@@ -305,7 +305,7 @@ class _DiffusionSR(abc.ABC):
         seed: int | None = None,
         progress: bool = True,
         backend: str | None = None,
-        engine: str = "dense",
+        engine: str = "auto",
         engine_options: dict | None = None,
     ) -> SampleResult:
         """Ancestral sampling, dense (attn None) or YODA (eq. 11-14), of the whole batch.
@@ -320,7 +320,8 @@ class _DiffusionSR(abc.ABC):
         engine: "dense" runs the whole UNet every step; "sparse" runs it on the active tiles
         of each step's mask with cached activations elsewhere (:class:`yoda_sparse.sparse.
         SparseUNet`, options in ``engine_options``); "auto" is sparse for YODA sampling of a
-        model the engine supports, else dense. Each call starts a fresh engine cache.
+        model the engine supports whose dense step is large enough for it to pay
+        (``AUTO_MIN_GFLOPS``), else dense. Each call starts a fresh engine cache.
         """
         _check_images("lr", lr)
         if seed is not None and generator is not None:
@@ -328,9 +329,9 @@ class _DiffusionSR(abc.ABC):
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
                                   or not 1 <= steps <= self.schedule.num_steps):
             raise ValueError(f"steps must be an integer in [1, {self.schedule.num_steps}] (the training steps), got {steps!r}")
-        sparse_engine = self._sparse_engine(engine, engine_options, yoda_run=attn is not None)
         B = lr.shape[0]
         H, W = lr.shape[2] * self.scale, lr.shape[3] * self.scale
+        sparse_engine = self._sparse_engine(engine, engine_options, yoda_run=attn is not None, size=(B, H, W))
         sched = self.schedule if steps is None else self.schedule.respace(int(steps))
         lr_m = lr * 2 - 1
         x_up, x_bar, cond = self._prepare(lr_m)
@@ -371,8 +372,15 @@ class _DiffusionSR(abc.ABC):
 
         return predict
 
-    def _sparse_engine(self, engine: str, options: dict | None, *, yoda_run: bool):
-        """A fresh SparseUNet for "sparse" (and for "auto" on a YODA run), else None."""
+    # "auto" runs the sparse engine from this much dense work per step on: below it, the engine's
+    # per-layer overheads (host time, norm statistics) cost more than sparsity saves (measured on
+    # a 2-core CPU: the 0.26 M-parameter demo model, ~0.3 GFLOP per step at 128x128, ran slower
+    # sparse; the 97.8 M-parameter SR3 at 256x256, ~400 GFLOP, ran 30-50% faster)
+    AUTO_MIN_GFLOPS = 20.0
+
+    def _sparse_engine(self, engine: str, options: dict | None, *, yoda_run: bool, size=None):
+        """A fresh SparseUNet for "sparse", and for "auto" on a YODA run whose dense step costs at
+        least AUTO_MIN_GFLOPS; else None."""
         if engine not in ("dense", "sparse", "auto"):
             raise ValueError(f"engine: expected 'dense', 'sparse' or 'auto', got {engine!r}")
         if options is not None and not isinstance(options, dict):
@@ -384,11 +392,14 @@ class _DiffusionSR(abc.ABC):
         from .sparse import SparseUNet, UnsupportedLayerError
 
         try:
-            return SparseUNet(self.model, **(options or {}))
+            eng = SparseUNet(self.model, **(options or {}))
         except UnsupportedLayerError:
             if engine == "auto":
                 return None
             raise
+        if engine == "auto" and size is not None and eng.dense_gflops(*size) < self.AUTO_MIN_GFLOPS:
+            return None
+        return eng
 
     @abc.abstractmethod
     def _engine_inputs(self, t_train, level, x_up, cond) -> dict:

@@ -29,6 +29,7 @@ import torch
 
 from .argtypes import open_unit_float, positive_int
 from .atomic import atomic_write
+from .bench import add_engine_arguments, engine_options_from_args
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -55,6 +56,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpips-backbone", default=None, help="torchvision AlexNet state_dict file for LPIPS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_engine_arguments(p)
 
 
 def collect_images(items) -> list[Path]:
@@ -134,7 +136,7 @@ def _write_tables(out: Path, report: dict, rows: list, overwrite: bool) -> None:
 
 def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=None, ratio_methods=("gaussian", "edge", "sift"),
              lower_bound=None, steps=None, dense=False, crop=None, limit=None, lpips_backbone=None, seed=0, device="cpu",
-             overwrite=False, log=print, option_names=None) -> dict:
+             overwrite=False, log=print, option_names=None, engine="auto", engine_options=None) -> dict:
     """Evaluate ``checkpoint`` on the HR images of ``data`` and write results.json/.csv and the
     plots into ``out_dir``; returns the report (results.json's content).
 
@@ -145,7 +147,8 @@ def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=Non
     crop (a multiple of the scale and the UNet's size multiple; default the model's
     ``image_size``); ``limit``: evaluate only the first ``limit`` images found.  Existing
     results in ``out_dir`` are an error unless ``overwrite``.  ``option_names`` maps the
-    argument names to what messages call them (the CLI passes its flags).
+    argument names to what messages call them (the CLI passes its flags). ``engine`` and
+    ``engine_options`` go to the YODA runs' ``sample`` (dense runs stay dense).
     """
     from .argtypes import check_device, check_output_folder
     from .diffusion import load_diffusion
@@ -234,7 +237,8 @@ def evaluate(checkpoint, data, out_dir, *, attention=None, attention_weights=Non
             image_rows = []
             for run in runs:
                 g = torch.Generator().manual_seed(seed + k)
-                res = diff.sample(lr, maps[method] if run == "yoda" else None, steps=steps, generator=g, progress=False)
+                res = diff.sample(lr, maps[method] if run == "yoda" else None, steps=steps, generator=g, progress=False,
+                                  **(dict(engine=engine, engine_options=engine_options) if run == "yoda" else {}))
                 sr = res.images
                 row = dict(image=str(path), run=run, psnr=float(psnr(sr, hr, scale=diff.scale)[0]),
                            ssim=float(ssim(sr, hr, scale=diff.scale)[0]), update_ratio=float(res.update_ratio[0]),
@@ -278,7 +282,7 @@ def eval_from_args(args) -> int:
                       ratio_methods=[m.strip() for m in args.ratio_methods.split(",") if m.strip()],
                       lower_bound=args.lower_bound, steps=args.steps, dense=args.dense, crop=args.crop, limit=args.limit,
                       lpips_backbone=args.lpips_backbone, seed=args.seed, device=args.device, overwrite=args.overwrite,
-                      option_names=CLI_NAMES)
+                      option_names=CLI_NAMES, engine=args.engine, engine_options=engine_options_from_args(args) or None)
     skipped = report["skipped"]
     if skipped and not args.skip_bad:
         print(f"error: {len(skipped)} of {len(skipped) + report['images']} images skipped (listed in results.json; "

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import check_device, check_output_folder, non_negative_int, open_unit_float, positive_int
+from .bench import add_engine_arguments, engine_options_from_args
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, default_overlap
 
 MIN_LR_SIDE = 8  # below this the bicubic conditioning carries almost no information
@@ -47,6 +48,7 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--make-dirs", action="store_true", help="create --out if missing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    add_engine_arguments(p)
 
 
 def _lr_multiple(size_multiple: int, scale: int) -> int:
@@ -199,11 +201,12 @@ def upscale_from_args(args) -> int:
         if extractor is not None:
             attn = extractor(bicubic_upscale(lr_p, s))
         g = torch.Generator().manual_seed(args.seed)
+        engine = dict(engine=args.engine, engine_options=engine_options_from_args(args) or None)
         if args.tile:
             res = sample_tiled(diff, lr_p, attn, tile=args.tile, overlap=overlap, steps=args.steps,
-                               generator=g, progress=not args.no_progress)
+                               generator=g, progress=not args.no_progress, **engine)
         else:
-            res = diff.sample(lr_p, attn, steps=args.steps, generator=g, progress=not args.no_progress)
+            res = diff.sample(lr_p, attn, steps=args.steps, generator=g, progress=not args.no_progress, **engine)
         sr = res.images[..., : h0 * s, : w0 * s]
         save_image(sr[0].cpu(), files["sr"], overwrite=args.overwrite)
         del sr

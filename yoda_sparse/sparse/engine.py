@@ -24,6 +24,8 @@ attention keys/values.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -119,6 +121,7 @@ class SparseUNet:
         self.frozen_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.history: list[dict] = []
         self._weights: dict[int, tuple[int, int, torch.Tensor]] = {}
+        self._gflops: dict[tuple, float] = {}
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -264,6 +267,28 @@ class SparseUNet:
                 raise ValueError(f"t: expected shape ({B},), got {tuple(t.shape)}")
             if cond.shape[0] != B:
                 raise ValueError(f"cond: expected batch {B}, got {tuple(cond.shape)}")
+
+    def dense_gflops(self, batch: int, height: int, width: int) -> float:
+        """Estimated GFLOP of one dense UNet evaluation at this size: counted by
+        ``torch.utils.flop_counter`` on a forward at the UNet's smallest size, scaled by area."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        key = (batch, height, width)
+        if key not in self._gflops:
+            m = self.unet.size_multiple
+            if self.family == "srdiff":  # a size the LR condition divides, 2+ pixels deep (reflect pads)
+                m = 2 * m * self.unet.scale // math.gcd(m, self.unet.scale)
+            p = next(self.unet.parameters())
+            z = torch.zeros(1, 3, m, m, device=p.device, dtype=p.dtype)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                if self.family == "sr3":
+                    self.unet(torch.cat([z, z], 1), torch.full((1,), 0.5, device=p.device, dtype=p.dtype))
+                else:
+                    c = m // self.unet.scale
+                    cond = torch.zeros(1, self.unet.cond_proj.in_channels, c, c, device=p.device, dtype=p.dtype)
+                    self.unet(z, torch.ones(1, dtype=torch.long, device=p.device), cond)
+            self._gflops[key] = counter.get_total_flops() * batch * (height * width) / (m * m) / 1e9
+        return self._gflops[key]
 
     # ------------------------------------------------------------------ summaries
     def summary(self) -> dict:
