@@ -123,3 +123,42 @@ def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "yoda_step" in out and "reference" in out
+
+
+def test_upscale_and_eval_on_the_sparse_engine(tiny_checkpoints, images, tmp_path):
+    """--engine sparse (with engine options) runs both families end to end; --engine dense and
+    the sparse engine agree where every pixel is active from the first step (lower bound 1)."""
+    from yoda_sparse.imageio import bundled_images
+
+    for name in ("sr3_tiny", "srdiff_tiny"):
+        out = tmp_path / name
+        out.mkdir()
+        rc = main(["upscale", str(images["b"]), "--out", str(out), "--checkpoint", str(tiny_checkpoints[name]),
+                   "--steps", "3", "--engine", "sparse", "--sparse-tile", "4", "--refresh-every", "2",
+                   "--dense-threshold", "2.0", "--no-progress"])
+        assert rc == 0 and (out / "b_x4.png").exists()
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    save_image(bundled_images()["coffee"]()[:, :64, :64], hr / "coffee.png")
+    rc = main(["eval", str(hr), "--checkpoint", str(tiny_checkpoints["sr3_tiny"]), "--out", str(tmp_path / "ev"),
+               "--steps", "2", "--crop", "32", "--ratio-methods", "", "--engine", "sparse", "--halo", "1"])
+    assert rc == 0
+    with pytest.raises(SystemExit):
+        main(["upscale", str(images["b"]), "--out", str(tmp_path), "--checkpoint", str(tiny_checkpoints["sr3_tiny"]),
+              "--engine", "fastest"])
+
+
+def test_bench_command_writes_its_table_and_plots(tmp_path, capsys):
+    rc = main(["bench", "--model", "sr3_tiny", "--size", "32", "--steps", "3", "--sources", "disk:0.5", "ones",
+               "--out", str(tmp_path / "b"), "--no-progress", "--dense-threshold", "2.0"])
+    assert rc == 0
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["source"] for r in report["runs"]] == ["disk:0.5", "ones"]
+    for r in report["runs"]:
+        assert r["dense"]["seconds"] > 0 and r["sparse"]["seconds"] > 0 and 0 < r["update_ratio"] <= 1
+    assert report["runs"][1]["psnr_sparse_vs_dense"] == float("inf")  # all-ones: the same computation
+    for f in ("bench.md", "time_ratio.png", "step_time.png"):
+        assert (tmp_path / "b" / f).stat().st_size > 0
+    assert "ratio" in capsys.readouterr().out
+    assert main(["bench", "--steps", "0"]) == 1  # a ValueError naming --steps
+    assert "--steps" in capsys.readouterr().err

@@ -130,6 +130,7 @@ class SparseUNet:
         self.maps.clear()
         self.frozen_stats.clear()
         self.history = []
+        self.peak_cache_bytes = 0
         self._input_key = None
         self._filled = False
         self._step = 0
@@ -150,10 +151,8 @@ class SparseUNet:
         return entry[2]
 
     def _level_channels(self) -> list[int]:
-        u = self.unet
-        if self.family == "sr3":
-            return [blocks[-1].out_channels for blocks in u.down_blocks]
-        return [blocks[-1].out_channels for blocks in u.down_blocks]
+        """Each level's width (its down blocks' output channels): the cost model's shape key."""
+        return [blocks[-1].out_channels for blocks in self.unet.down_blocks]
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -197,6 +196,7 @@ class SparseUNet:
                 eps = srdiff_step(ctx, self.unet, zc, t, self._cond_hr)
             eps = eps.contiguous()
             self._filled = True
+            self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
             record.update(fractions=[p.fraction for p in plans], dense=[p.dense for p in plans],
                           refresh=any(p.refresh for p in plans))
         self.history.append(record)
@@ -292,7 +292,8 @@ class SparseUNet:
 
     # ------------------------------------------------------------------ summaries
     def summary(self) -> dict:
-        """Mean active fraction per level and the share of steps each level ran dense."""
+        """Mean active fraction per level, the share of steps each level ran dense, and the
+        largest size the activation cache reached (bytes)."""
         steps = [h for h in self.history if h["fractions"] is not None]
         if not steps:
             return {"steps": 0}
@@ -302,7 +303,7 @@ class SparseUNet:
             "model_steps": sum(h["model"] for h in steps),
             "level_fraction": [sum(h["fractions"][lv] for h in steps) / len(steps) for lv in range(levels)],
             "level_dense_share": [sum(h["dense"][lv] for h in steps) / len(steps) for lv in range(levels)],
-            "cache_bytes": self.cache_bytes,
+            "cache_bytes": self.peak_cache_bytes,
         }
 
 

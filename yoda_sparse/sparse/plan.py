@@ -14,17 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import tile_list
-
-__all__ = ["LevelPlan", "level_tile_sizes", "level_tile_maps", "make_plans"]
+__all__ = ["LevelPlan", "level_tile_sizes", "level_tile_maps", "sparse_work"]
 
 
 @dataclass
 class LevelPlan:
     """How one level runs in one step.
 
-    dense: compute whole maps (the first step, refresh steps, and levels where the cost model
-        says dense is cheaper); then ``tiles`` etc. are None.
+    dense: compute whole maps (the first step of a cache, and levels where the cost model says
+        dense is cheaper); then ``tiles`` etc. are None.
     tile_map: bool [B, nH, nW] active tiles; tiles/count: its :func:`ops.tile_list`;
     tile: tile side in level pixels; fraction: active tiles / all tiles (mean over the batch);
     work: the share of a dense convolution's output columns a sparse one computes, counting
@@ -89,19 +87,3 @@ def sparse_work(tile_map: torch.Tensor, tile: int, width: int, halo_columns: int
     active_cols = (tm.sum(-1) * tile).clamp(max=width)
     cols = active_cols + halo_columns * starts.sum(-1)
     return float(cols.float().mean()) / width
-
-
-def make_plans(mask: torch.Tensor, sizes: list[tuple[int, int]], tile: int, min_tile: int, halo: int,
-               dense_levels: list[bool]) -> list[LevelPlan]:
-    """Plans of every level; ``dense_levels[L]`` forces level L dense."""
-    maps = level_tile_maps(mask, len(sizes), tile, min_tile, halo)
-    tiles = level_tile_sizes(len(sizes), tile, min_tile)
-    plans = []
-    for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
-        frac = float(tm.float().mean())
-        dense = bool(dense_levels[lvl])
-        plan = LevelPlan(lvl, size, t, tm, frac, dense)
-        if not dense:
-            plan.tiles, plan.count = tile_list(tm)
-        plans.append(plan)
-    return plans
