@@ -58,6 +58,24 @@ def test_traced_peak_counts_what_is_alive():
     assert traced_peak_bytes(two_then_one) == 8000
 
 
+@pytest.mark.parametrize("method", ["matlab_bicubic", "pil_bicubic"])
+def test_a_traced_call_leaves_no_fake_tensor_in_the_resize_cache(method):
+    # the estimate runs _prepare (x_up) under fakes; resize's weight cache must still hold
+    # real matrices afterwards (a fake one broke the next real upscale of that size)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from yoda_sparse.resize import resize, resize_weights
+
+    size = (13, 29)  # a size no other test resizes to
+    traced_peak_bytes(lambda: resize(torch.empty(1, 3, 5, 7), size, method))
+    x = torch.rand(1, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    out = resize(x, size, method)
+    assert not isinstance(out, FakeTensor) and not isinstance(resize_weights(method, 5, 13), FakeTensor)
+    expected = torch.einsum("oh,bchw,pw->bcop", resize_weights(method, 5, 13), x.double(),
+                            resize_weights(method, 7, 29)).float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_estimate_of_the_issue_cases_on_the_tiny_checkpoint():
     diff, _, _ = load_diffusion(DEMO)
     wide = estimate_sample_memory(diff, (20, 3000), attention="edge", tile=512, overlap=64, save=True)

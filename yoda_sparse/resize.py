@@ -80,6 +80,15 @@ def _matlab_weights(n_in: int, n_out: int, scale: float) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _cached_weights(method: str, n_in: int, n_out: int, scale: float | None) -> torch.Tensor:
+    # built as real tensors even when called under a FakeTensorMode (yoda_sparse.memory traces
+    # a sampler call with fakes): a cached fake would poison every later real call
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return _build_weights(method, n_in, n_out, scale)
+
+
+def _build_weights(method: str, n_in: int, n_out: int, scale: float | None) -> torch.Tensor:
     if method == "pil_bicubic":
         return _pil_weights(n_in, n_out)
     if method == "matlab_bicubic":
