@@ -10,6 +10,8 @@ rounds, so drifts of the machine hit all of them alike):
     dense      F.conv2d of the whole map, channels_last (the fastest dense layout here)
     reference  the pure-PyTorch gather -> conv -> scatter over tiles (SIGE's scheme)
     <backend>  every other registered backend of ops.sparse_conv2d that can serve the inputs
+    cpp[strip], cpp[windows]   (--cpp-layouts) the C++ kernel with each of its two layouts
+               forced, where "cpp" picks one per call by its cost rule
 Masks: "random" (exactly round(f * tiles) tiles drawn at random) and "blob" (the round(f *
 tiles) tiles nearest the centre: one compact disk). Writes a markdown table and a plot of
 time ratio against f with the ideal line ``f``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -36,6 +39,7 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0)
 # (channels, resolution) pairs that the SR3 16->128 UNet has at 128x128 and 256x256 inputs
 SHAPES = ((64, 256), (128, 128), (128, 256), (256, 64), (512, 32), (512, 16), (64, 128), (256, 32))
 QUICK_SHAPES = ((128, 128), (64, 256), (256, 64))
+LAYOUT_ENV = "YODA_SPARSE_CONV_LAYOUT"
 
 
 def tile_map(kind: str, batch: int, n_h: int, n_w: int, f: float, gen: torch.Generator) -> torch.Tensor:
@@ -86,6 +90,17 @@ def sparse_backends(x, weight, bias, tiles, count, out, tile) -> list[str]:
     return names
 
 
+def with_layout(layout: str, fn):
+    """``fn`` with the C++ kernel's layout forced (csrc/sparse_conv_plan.h reads it per call)."""
+    def call():
+        os.environ[LAYOUT_ENV] = layout
+        try:
+            fn()
+        finally:
+            del os.environ[LAYOUT_ENV]
+    return call
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -112,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=None, help="CxR pairs, e.g. 128x128 64x256")
     ap.add_argument("--quick", action="store_true", help="three shapes, tile 16")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
+    ap.add_argument("--cpp-layouts", action="store_true",
+                    help="also time the cpp backend with each layout forced: cpp[strip], cpp[windows] "
+                         "(cpp picks one per call)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("out/bench_sparse_conv"))
     args = ap.parse_args(argv)
@@ -150,6 +168,9 @@ def main(argv=None) -> int:
                         fns["reference"] = lambda: ops.sparse_conv2d(x, w, b, tl, out, count=cnt, tile=tile, backend="reference")
                     for name in sparse_backends(x, w, b, tl, cnt, out, (tile, tile)):
                         fns[name] = (lambda nm: lambda: ops.sparse_conv2d(x, w, b, tl, out, count=cnt, tile=tile, backend=nm))(name)
+                    if args.cpp_layouts and "cpp" in fns:
+                        for layout in ("strip", "windows"):
+                            fns[f"cpp[{layout}]"] = with_layout(layout, fns["cpp"])
                     t = time_interleaved(fns, args.rounds, device)
                     row = dict(C=C, R=R, tile=tile, mask=kind, f=f_real, dense_ms=t["dense"] * 1e3,
                                **{f"{k}": v / t["dense"] for k, v in t.items() if k != "dense"})

@@ -2,18 +2,20 @@
 // sparse_conv_reference.py the truth).
 //
 // Scheme: the listed tiles become row segments (one per run of adjacent tiles in a tile row).
-// Every segment's halo'd input window is gathered, with the prologue applied (concat of x and
-// x2, group-norm apply, activation, nearest x2, zero/reflect padding), into ONE strip: an
-// image of the band's height whose columns are the segments' windows side by side.  One
-// oneDNN convolution (at::conv2d / at::conv_transpose2d without padding) runs over the strip,
-// so the GEMM stays as large and efficient as the dense one; the few output columns that
-// straddle two windows are junk and never read.  The scatter writes each segment's outputs
-// into `out` with the epilogue (activation, per-(image, channel) add, residual).
-//
-// Why this and not SIGE's batch of small halo'd tiles: rows need a halo only above and below
-// the band (columns share theirs within a segment), and oneDNN keeps its dense efficiency on a
-// long strip, where a batch of 4x4..16x16 tiles runs 1.4-2x slower per output pixel
-// (benchmarks/RESULTS.md, "Tile-sparse convolution").
+// Their halo'd input windows are gathered, with the prologue applied (concat of x and x2,
+// group-norm apply, activation, nearest x2, zero/reflect padding), into one of two layouts,
+// each convolved by one oneDNN call (at::conv2d / at::conv_transpose2d without padding) so the
+// GEMM stays large and efficient:
+//   strip:   an image of the band's height whose columns are the segments' windows side by
+//            side; rows need a halo only above and below the band and columns share theirs
+//            within a segment, but the k - 1 output columns that straddle two windows are junk
+//            (+25% for an isolated 8-px tile);
+//   windows: every tile its own halo'd window, the windows a batch; nothing is junk, and oneDNN
+//            runs a batch of 8x8-output windows within 2-5% of the dense convolution per output
+//            pixel (2-px tiles: 25-45% slower).
+// sparse_conv_plan.h picks the cheaper per call (use_windows).  The scatter writes each
+// segment's outputs into `out` with the epilogue (activation, per-(image, channel) add,
+// residual).
 #include "yoda_ops.h"
 
 #include "cpu_rows.h"
@@ -196,7 +198,9 @@ void gather(const std::vector<Segment>& segs, const ConvGeometry& g, const at::T
   const scalar_t* x2p = C2 ? x2->const_data_ptr<scalar_t>() : nullptr;
   const Strides4 sx = strides_of(x);
   const Strides4 sx2 = C2 ? strides_of(*x2) : Strides4{0, 0, 0, 0};
-  scalar_t* sp = strip.data_ptr<scalar_t>();  // channels_last [1, C, SH, SW]: (row, col, c)
+  // channels_last [1, C, SH, SW]: (row, col, c); a window batch [N, C, SH, SW] is the same
+  // memory as one strip N * SH rows tall, each window at rows in_row .. in_row + SH
+  scalar_t* sp = strip.data_ptr<scalar_t>();
   const bool has_norm = !scale.empty();
   // strip rows x segments; the columns between segments' windows are zeroed by their row task
   const int64_t nseg = static_cast<int64_t>(segs.size());
@@ -211,10 +215,13 @@ void gather(const std::vector<Segment>& segs, const ConvGeometry& g, const at::T
       const int64_t iy = g.transposed ? ((vy >= 0 && vy < g.H) ? vy : -1) : source_index(vy, g.Hv, g.u, g.reflect);
       const acc_t* a = has_norm ? scale.data() + sg.b * C : nullptr;
       const acc_t* sh = has_norm ? shift.data() + sg.b * C : nullptr;
-      scalar_t* row = sp + (y * SW) * C;
-      const int64_t gap_end = (task / SH + 1 < nseg) ? segs[task / SH + 1].in_col : SW;
+      const int64_t si = task / SH;
+      scalar_t* row = sp + ((sg.in_row + y) * SW) * C;
+      // zero the columns up to the next window in the same strip rows (or to the row's end)
+      const bool next_shares = si + 1 < nseg && segs[si + 1].in_row == sg.in_row;
+      const int64_t gap_end = next_shares ? segs[si + 1].in_col : SW;
       for (int64_t xs = sg.in_col + sg.in_w; xs < gap_end; ++xs) std::memset(row + xs * C, 0, sizeof(scalar_t) * C);
-      if (task / SH == 0) {
+      if (si == 0 || segs[si - 1].in_row != sg.in_row) {
         for (int64_t xs = 0; xs < sg.in_col; ++xs) std::memset(row + xs * C, 0, sizeof(scalar_t) * C);
       }
       scalar_t* dst = row + sg.in_col * C;
@@ -361,6 +368,31 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
         // the level needs at most every band's full window row
     const int64_t max_cols = B * ceil_div(g.Ho, g.th) * ((g.Wo - 1) * g.s + g.k + g.s);
     const int64_t full = sparse_conv::chunk_width(col_bytes, weight.numel() * weight.element_size(), max_cols, g);
+    if (sparse_conv::use_windows(segs, g, C)) {
+      // window batches within a strip's byte budget, of equal sizes (a small remainder batch
+      // runs less efficiently), each size on the ladder (extra windows stay zero)
+      const std::vector<Segment> wins = sparse_conv::make_windows(segs, g);
+      const int64_t WW = (g.tw - 1) * g.s + g.k, OH = g.th;
+      const int64_t max_per_call =
+          sparse_conv::windows_per_call(col_bytes * WW, weight.numel() * weight.element_size());
+      const int64_t nwin = static_cast<int64_t>(wins.size());
+      const int64_t per_call = ceil_div(nwin, ceil_div(nwin, max_per_call));
+      for (int64_t first = 0; first < nwin; first += per_call) {
+        const int64_t n_here = std::min(per_call, nwin - first);
+        const int64_t N = std::max(n_here, sparse_conv::window_batch(n_here, max_per_call));
+        std::vector<Segment> batch(wins.begin() + first, wins.begin() + first + n_here);
+        for (int64_t i = 0; i < n_here; ++i) {
+          batch[i].in_row = i * SH;
+          batch[i].out_row = i * OH;
+        }
+        at::Tensor strip = at::empty({N, C, SH, WW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+        if (N > n_here) strip.narrow(0, n_here, N - n_here).zero_();
+        gather<scalar_t>(batch, g, x, x2, scale, shift, act, strip);
+        at::Tensor y = at::conv2d(strip, w, bias, st, zero, one, 1);
+        scatter<scalar_t>(batch, y, out_act, addv, residual, accumulate, out);
+      }
+      return;
+    }
     for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full)) {
       const std::vector<Segment>& chunk = ch.segs;
       const int64_t chunk_w = ch.width;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -36,6 +37,7 @@ struct Segment {
   int64_t vy0, vx0;        // virtual-input row/column of the window's first strip row/column
   int64_t in_col, in_w;    // strip input columns [in_col, in_col + in_w)
   int64_t out_row, out_col;  // strip output row/column of the segment's first output
+  int64_t in_row = 0;      // strip input row of the window's first row (window batches: n * SH)
 };
 
 struct ConvGeometry {
@@ -204,6 +206,71 @@ inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const Co
     chunks.back().width = std::max(std::min(full, ladder_width(need)), need);
   }
   return chunks;
+}
+
+// The window-batch layout (CPU): every tile its own halo'd window, the windows stacked as a
+// batch [N, C, SH, WW] with WW = (tw - 1) * s + k, so no output is junk. Per output pixel oneDNN
+// runs a batch of 8x8-output windows within 2-5% of the dense convolution, where a strip of
+// single-tile segments computes (tw + k - 1) / tw columns per useful one (+25% at 8 px);
+// tiles of 2 px cost 25-45% more per pixel (benchmarks/RESULTS.md, "window batches").
+// The per-output-pixel costs relative to dense that choose between the layouts, measured here
+// (2-core AVX-512 CPU, C 64-512, fp32): strips 1.03 plus their junk columns; windows 1.06 from
+// 4 px on, 1.35 at 2-3 px, plus about 2.6 / N * 128 / C for a batch of N windows of C input
+// channels (8x8 tiles, C 128: 1.36 at N = 8, 1.21 at 16, 1.04-1.07 from 36 on; C 512: 1.21 at
+// N = 5): a small batch leaves threads idle, less so the more work a window holds.
+inline double strip_cost(const std::vector<Segment>& segs, const ConvGeometry& g) {
+  double cols = 0;
+  for (const Segment& sg : segs) cols += static_cast<double>(sg.rows) * (sg.w + ceil_div(g.k - g.s, g.s));
+  return 1.03 * cols;
+}
+
+inline double window_cost(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+  int64_t tiles = 0;
+  for (const Segment& sg : segs) tiles += ceil_div(sg.w, g.tw);
+  const double small_batch = 2.6 / static_cast<double>(std::max<int64_t>(tiles, 1)) * 128.0 /
+                             static_cast<double>(std::max<int64_t>(channels, 1));
+  const double per_pixel = (std::min(g.th, g.tw) >= 4 ? 1.06 : 1.35) + small_batch;
+  return per_pixel * static_cast<double>(tiles * g.th * g.tw);
+}
+
+// YODA_SPARSE_CONV_LAYOUT=strip|windows forces a layout (tests, benchmarks); otherwise the
+// cheaper by the costs above. Transposed and 1x1 convolutions have no junk columns: strips.
+inline bool use_windows(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+  if (g.transposed || g.k <= g.s) return false;
+  const char* env = std::getenv("YODA_SPARSE_CONV_LAYOUT");
+  if (env && std::string(env) == "strip") return false;
+  if (env && std::string(env) == "windows") return true;
+  return window_cost(segs, g, channels) < strip_cost(segs, g);
+}
+
+// Windows per convolution call: the byte budget of a strip (chunk_bytes(), or twice the weights)
+// in windows of `window_bytes`.
+inline int64_t windows_per_call(int64_t window_bytes, int64_t weight_bytes) {
+  return std::max<int64_t>(1, std::max(chunk_bytes(), 2 * weight_bytes) / std::max<int64_t>(window_bytes, 1));
+}
+
+// The batch a call of n windows is given: n itself up to 16, then rounded up on the ladder
+// (ladder_width: at most 12.5% more), so a layer sees few batch sizes (one oneDNN primitive each).
+inline int64_t window_batch(int64_t n, int64_t per_call) {
+  return std::min(per_call, n <= 16 ? n : ladder_width(n));
+}
+
+// One window per tile of each segment, placed in a batch of windows: windows[i] is the tile
+// (its output columns clipped at the image edge) and goes to batch entry i.
+inline std::vector<Segment> make_windows(const std::vector<Segment>& segs, const ConvGeometry& g) {
+  std::vector<Segment> wins;
+  for (const Segment& sg : segs) {
+    for (int64_t from = 0; from < sg.w; from += g.tw) {
+      Segment pc = sg;
+      pc.x0 = sg.x0 + from;
+      pc.w = std::min(g.tw, sg.w - from);
+      window(pc.x0, pc.w, g, &pc.vx0, &pc.in_w);
+      pc.in_col = 0;
+      pc.out_col = 0;
+      wins.push_back(pc);
+    }
+  }
+  return wins;
 }
 
 }  // namespace sparse_conv

@@ -150,12 +150,15 @@ def test_upscale_and_eval_on_the_sparse_engine(tiny_checkpoints, images, tmp_pat
 
 def test_bench_command_writes_its_table_and_plots(tmp_path, capsys):
     rc = main(["bench", "--model", "sr3_tiny", "--size", "32", "--steps", "3", "--sources", "disk:0.5", "ones",
-               "--out", str(tmp_path / "b"), "--no-progress", "--dense-threshold", "2.0"])
+               "--out", str(tmp_path / "b"), "--no-progress", "--dense-threshold", "2.0", "--repeats", "2"])
     assert rc == 0
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [r["source"] for r in report["runs"]] == ["disk:0.5", "ones"]
     for r in report["runs"]:
         assert r["dense"]["seconds"] > 0 and r["sparse"]["seconds"] > 0 and 0 < r["update_ratio"] <= 1
+        for engine in ("dense", "sparse"):  # the median of the repeats
+            assert len(r[engine]["runs"]) == 2 and r[engine]["seconds"] == sum(r[engine]["runs"]) / 2
+    assert len(report["per_step"]["sparse"]) == 2 * 3  # the first round's steps, per source
     assert report["runs"][1]["psnr_sparse_vs_dense"] == float("inf")  # all-ones: the same computation
     for f in ("bench.md", "time_ratio.png", "step_time.png"):
         assert (tmp_path / "b" / f).stat().st_size > 0

@@ -211,6 +211,39 @@ def test_cpp_strips_split_long_segments(monkeypatch, geo_name):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["strip", "windows"])
+@pytest.mark.parametrize("strip_bytes", [None, "3000"])
+@pytest.mark.parametrize("geo_name", list(GEOMETRIES))
+def test_cpp_layouts_agree(monkeypatch, geo_name, strip_bytes, layout):
+    """The C++ kernel's two layouts (segments side by side in a strip; one halo'd window per
+    tile, batched), forced by YODA_SPARSE_CONV_LAYOUT, on odd sizes with clipped edge tiles, a
+    fused prologue and epilogue, and (with tiny strips) several window batches, the last one
+    padded to its ladder size. Transposed and 1x1 layers always take strips."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", layout)
+    if strip_bytes:
+        monkeypatch.setenv("YODA_SPARSE_CONV_STRIP_BYTES", strip_bytes)
+    geo = GEOMETRIES[geo_name]
+    x, x2, w, b, Ho, Wo = make_inputs(geo, torch.float64, B=2, C1=3, C2=2, Co=4, H=19, W=23)
+    Co = w.shape[1] if geo[5] else w.shape[0]
+    tile = (4, 2) if geo[5] else (5, 3)
+    tmap = torch.rand(2, -(-Ho // tile[0]), -(-Wo // tile[1]), generator=torch.Generator().manual_seed(6)) < 0.5
+    tmap[:, -1, -1] = True  # the corner tile, clipped in both directions
+    add = torch.randn(2, Co, dtype=torch.float64)
+    out0 = torch.randn(2, Co, Ho, Wo, dtype=torch.float64)
+    outs = []
+    for backend in ("reference", "cpp"):
+        out = out0.clone()
+        call(x, w, b, tmap, out, geo, tile, backend, x2=x2, act="silu", out_act="silu", add=add, residual=out)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    pix = pixel_mask(tmap, tile, Ho, Wo).expand_as(out0)
+    assert torch.equal(outs[1][~pix], out0[~pix])
+    truth = dense_truth(x, w, b, geo, x2=x2, act="silu", out_act="silu", add=add, residual=out0)
+    torch.testing.assert_close(outs[1][pix], truth[pix], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["reference"] + available_backends())
 def test_count_limits_the_list(backend):
     geo = GEOMETRIES["3x3"]

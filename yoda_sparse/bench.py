@@ -42,7 +42,7 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int | None = None
     seed: int = 0
-    repeats: int = 1                    # runs of each engine per source (median time reported)
+    repeats: int = 1                    # runs of each engine per source, interleaved (median reported)
     engine_options: dict = field(default_factory=dict)
     out: Path | None = None
     progress: bool = True
@@ -168,7 +168,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the benchmark; returns the results (and writes them under ``cfg.out`` if set)."""
     from .imageio import bicubic_downscale
     from .metrics import psnr
-    from .sparse import SparseUNet
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -195,54 +194,28 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         attn = attn.to(device)
         run = {"source": source}
         outputs = {}
-        # alternate which engine runs first, so a drift of the machine does not favour one
-        for engine in (("dense", "sparse") if index % 2 == 0 else ("sparse", "dense")):
-            step_times: list = []
-            original = diff._predict_noise
-            original_predict = SparseUNet.predict
-            if engine == "dense":
-                diff._predict_noise = _timed_predictor(diff, step_times, device)
-            else:
-                def timed_predict(self, z, mask, **kw):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    out = original_predict(self, z, mask, **kw)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    step_times.append((float(mask.float().mean()), time.perf_counter() - t0))
-                    return out
-                SparseUNet.predict = timed_predict
-                SparseUNet.__call__ = timed_predict
-            try:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    torch.cuda.synchronize(device)
-                runs = []
-                with _PeakRSS() as mem:
-                    for _ in range(cfg.repeats):
-                        t0 = time.perf_counter()
-                        res = diff.sample(lr, attn, steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed),
-                                          progress=cfg.progress, engine=engine,
-                                          engine_options=cfg.engine_options if engine == "sparse" else None)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        runs.append(time.perf_counter() - t0)
-                seconds = statistics.median(runs)
-            finally:
-                diff._predict_noise = original
-                SparseUNet.predict = original_predict
-                SparseUNet.__call__ = original_predict
-            peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak - mem.base)
-            outputs[engine] = res.images
-            run[engine] = {"seconds": seconds, "runs": runs, "peak_bytes": int(peak)}
-            if engine == "sparse":
-                summ = res.extras.get("engine_summary", {})
-                run["level_fraction"] = summ.get("level_fraction")
-                run["level_dense_share"] = summ.get("level_dense_share")
-                run["cache_bytes"] = summ.get("cache_bytes")
-            per_step[engine].extend(step_times)
-            run["update_ratio"] = float(res.update_ratio.mean())
+        times = {"dense": [], "sparse": []}
+        peaks = {"dense": 0, "sparse": 0}
+        # repeats interleave the engines, and which one runs first alternates per round and per
+        # source, so a drift of the machine does not favour one
+        for rep in range(cfg.repeats):
+            order = ("dense", "sparse") if (index + rep) % 2 == 0 else ("sparse", "dense")
+            for engine in order:
+                seconds, res, step_times, peak = _timed_sample(diff, lr, attn, engine, cfg, device)
+                times[engine].append(seconds)
+                peaks[engine] = max(peaks[engine], peak)
+                outputs[engine] = res.images
+                if rep == 0:
+                    per_step[engine].extend(step_times)
+                if engine == "sparse":
+                    summ = res.extras.get("engine_summary", {})
+                    run["level_fraction"] = summ.get("level_fraction")
+                    run["level_dense_share"] = summ.get("level_dense_share")
+                    run["cache_bytes"] = summ.get("cache_bytes")
+                run["update_ratio"] = float(res.update_ratio.mean())
+        for engine in ("dense", "sparse"):
+            run[engine] = {"seconds": statistics.median(times[engine]), "runs": times[engine],
+                           "peak_bytes": int(peaks[engine])}
         run["time_ratio"] = run["sparse"]["seconds"] / run["dense"]["seconds"]
         run["psnr_sparse_vs_dense"] = float(psnr(outputs["sparse"].float().cpu(), outputs["dense"].float().cpu(),
                                                  scale=diff.scale).mean())
@@ -258,6 +231,48 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         write_outputs(results, Path(cfg.out))
         log(f"[bench] wrote {Path(cfg.out) / 'bench.md'}, bench.json, time_ratio.png, step_time.png")
     return results
+
+
+def _timed_sample(diff, lr, attn, engine: str, cfg: BenchConfig, device: torch.device):
+    """One sampling run on ``engine``: (seconds, result, per-step (active fraction, seconds) of
+    the sparse engine or seconds of the dense one, peak memory over the run's start)."""
+    from .sparse import SparseUNet
+
+    step_times: list = []
+    original = diff._predict_noise
+    original_predict = SparseUNet.predict
+    if engine == "dense":
+        diff._predict_noise = _timed_predictor(diff, step_times, device)
+    else:
+        def timed_predict(self, z, mask, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            out = original_predict(self, z, mask, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append((float(mask.float().mean()), time.perf_counter() - t0))
+            return out
+        SparseUNet.predict = timed_predict
+        SparseUNet.__call__ = timed_predict
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        with _PeakRSS() as mem:
+            t0 = time.perf_counter()
+            res = diff.sample(lr, attn, steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed),
+                              progress=cfg.progress, engine=engine,
+                              engine_options=cfg.engine_options if engine == "sparse" else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+    finally:
+        diff._predict_noise = original
+        SparseUNet.predict = original_predict
+        SparseUNet.__call__ = original_predict
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak - mem.base
+    return seconds, res, step_times, peak
 
 
 def _device_name(device: torch.device) -> str:
@@ -378,7 +393,7 @@ def add_bench_arguments(q) -> None:
     q.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     q.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--repeats", type=int, default=1, help="runs of each engine per mask source (median)")
+    q.add_argument("--repeats", type=int, default=1, help="runs of each engine per mask source, interleaved (median)")
     q.add_argument("--out", default="out/bench", help="folder for bench.md/json and the plots")
     q.add_argument("--no-progress", action="store_true")
     add_engine_arguments(q, with_engine=False)

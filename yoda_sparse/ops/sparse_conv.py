@@ -18,9 +18,10 @@ a device-side count without synchronising the host, so the same shapes serve eve
 CUDA graph can be captured once per shape).
 
 Backends (the registry picks the best available; ``backend=`` forces one): ``reference``
-(pure PyTorch gather -> conv -> scatter, the truth), ``cpp`` (CPU: fused gather into a
-row-band strip, one oneDNN convolution, fused scatter), ``triton`` (implicit GEMM over active
-tiles) and ``cuda_ext``.
+(pure PyTorch gather -> conv -> scatter, the truth), ``cpp`` (CPU: a fused gather of the
+active row segments side by side into strips, or of every tile's halo'd window into a batch,
+whichever costs less for the call; one oneDNN convolution per strip or batch; a fused
+scatter), ``triton`` (implicit GEMM over active tiles) and ``cuda_ext``.
 """
 from __future__ import annotations
 
