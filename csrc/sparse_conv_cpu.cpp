@@ -12,7 +12,7 @@
 //            (+25% for an isolated 8-px tile);
 //   windows: every tile its own halo'd window, the windows a batch; nothing is junk, and oneDNN
 //            runs a batch of 8x8-output windows within 2-5% of the dense convolution per output
-//            pixel (2-px tiles: 25-45% slower).
+//            pixel (2-px tiles: 25-60% slower).
 // sparse_conv_plan.h picks the cheaper per call (use_windows).  The scatter writes each
 // segment's outputs into `out` with the epilogue (activation, per-(image, channel) add,
 // residual).

@@ -212,7 +212,8 @@ inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const Co
 // batch [N, C, SH, WW] with WW = (tw - 1) * s + k, so no output is junk. Per output pixel oneDNN
 // runs a batch of 8x8-output windows within 2-5% of the dense convolution, where a strip of
 // single-tile segments computes (tw + k - 1) / tw columns per useful one (+25% at 8 px);
-// tiles of 2 px cost 25-45% more per pixel (benchmarks/RESULTS.md, "window batches").
+// tiles of 2 px cost 25-60% more per pixel (benchmarks/bench_conv_layouts.py; benchmarks/
+// RESULTS.md, "Two layouts, chosen per call").
 // The per-output-pixel costs relative to dense that choose between the layouts, measured here
 // (2-core AVX-512 CPU, C 64-512, fp32): strips 1.03 plus their junk columns; windows 1.06 from
 // 4 px on, 1.35 at 2-3 px, plus about 2.6 / N * 128 / C for a batch of N windows of C input
