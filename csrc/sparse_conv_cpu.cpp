@@ -315,21 +315,8 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     TORCH_CHECK(n >= 0 && n <= tiles.size(0), "count ", n, " is outside [0, ", tiles.size(0), "]");
   }
   if (n == 0) return;
-  ConvGeometry g;
-  g.k = weight.size(3);
-  g.s = stride;
-  g.p = padding;
-  g.u = upsample;
-  g.transposed = transposed;
-  g.reflect = padding_mode == 1;
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.Hv = g.H * g.u;
-  g.Wv = g.W * g.u;
-  g.th = tile[0];
-  g.tw = tile[1];
-  g.Ho = out.size(2);
-  g.Wo = out.size(3);
+  const ConvGeometry g =
+      sparse_conv::make_geometry(x, weight, out, tile, stride, padding, padding_mode, upsample, transposed);
   const int64_t B = x.size(0);
   const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0);
   int64_t SH = 0;

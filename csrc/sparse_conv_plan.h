@@ -49,6 +49,29 @@ struct ConvGeometry {
   int64_t Ho, Wo;
 };
 
+// The geometry of one call: x [B, C, H, W] read through nearest x`upsample`, `weight`'s kernel,
+// `out` [B, C_out, Ho, Wo], tiles of th x tw output pixels; padding_mode 1 = reflect.
+inline ConvGeometry make_geometry(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+                                  at::IntArrayRef tile, int64_t stride, int64_t padding, int64_t padding_mode,
+                                  int64_t upsample, bool transposed) {
+  ConvGeometry g;
+  g.k = weight.size(3);
+  g.s = stride;
+  g.p = padding;
+  g.u = upsample;
+  g.transposed = transposed;
+  g.reflect = padding_mode == 1;
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Hv = g.H * g.u;
+  g.Wv = g.W * g.u;
+  g.th = tile[0];
+  g.tw = tile[1];
+  g.Ho = out.size(2);
+  g.Wo = out.size(3);
+  return g;
+}
+
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 

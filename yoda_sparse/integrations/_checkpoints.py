@@ -113,6 +113,22 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
+def save_converted(out, state: dict[str, torch.Tensor], cfg, *, family: str, schedule: dict | None, yoda, preprocess,
+                   codebase: str, checkpoint, notes: list[str]) -> dict:
+    """Write a converted checkpoint (safetensors, atomically) with where it came from; returns
+    the converters' summary dict (config, schedule, notes, out)."""
+    from ..models import save_checkpoint
+
+    src = Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
+    extra = {
+        "family": family, "schedule": schedule, "yoda": yoda.to_dict(), "preprocess": preprocess.to_dict(),
+        "converted_from": {"codebase": codebase, "file": src.name if src else None,
+                           "sha256": sha256_of(src) if src else None, "trained_with_yoda": False, "notes": notes},
+    }
+    save_checkpoint(out, state, cfg, extra=extra)
+    return {"config": cfg.to_dict(), "schedule": schedule, "notes": notes, "out": str(out)}
+
+
 def schedule_from_buffers(betas: torch.Tensor | None, what: str, *, expect=None) -> dict | None:
     """The ScheduleSettings dict that reproduces a public model's float32 ``betas`` buffer.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ._checkpoints import SCHEDULE_BUFFERS, read_torch_file, rename_checked, schedule_from_buffers, sha256_of, strip_prefix, tensor_dict
+from ._checkpoints import SCHEDULE_BUFFERS, read_torch_file, rename_checked, save_converted, schedule_from_buffers, strip_prefix, tensor_dict
 
 __all__ = ["convert_sr3", "sr3_state_dict", "sr3_key_map", "read_sr3_json_config", "SR3_SOURCE"]
 
@@ -310,18 +310,11 @@ def convert_sr3(checkpoint, out, *, config=None, scale: int | None = None, image
     Returns a summary dict (config, schedule, notes).
     """
     from ..diffusion import Preprocess, YodaSettings
-    from ..models import save_checkpoint
 
     notes: list[str] = []
     yoda = YodaSettings(attention=attention, lower_bound=lower_bound)
     pre = Preprocess(upsample=upsample)
     cfg, state, schedule = sr3_state_dict(checkpoint, config=config, scale=scale, image_size=image_size,
                                           norm_groups=norm_groups, notes=notes)
-    src = Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
-    extra = {
-        "family": "sr3", "schedule": schedule, "yoda": yoda.to_dict(), "preprocess": pre.to_dict(),
-        "converted_from": {"codebase": SR3_SOURCE, "file": src.name if src else None,
-                           "sha256": sha256_of(src) if src else None, "trained_with_yoda": False, "notes": notes},
-    }
-    save_checkpoint(out, state, cfg, extra=extra)
-    return {"config": cfg.to_dict(), "schedule": schedule, "notes": notes, "out": str(out)}
+    return save_converted(out, state, cfg, family="sr3", schedule=schedule, yoda=yoda, preprocess=pre,
+                          codebase=SR3_SOURCE, checkpoint=checkpoint, notes=notes)

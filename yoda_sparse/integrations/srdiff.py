@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ._checkpoints import (
-    SCHEDULE_BUFFERS, fold_weight_norm, read_torch_file, rename_checked, schedule_from_buffers, sha256_of, strip_prefix, tensor_dict,
+    SCHEDULE_BUFFERS, fold_weight_norm, read_torch_file, rename_checked, save_converted, schedule_from_buffers, strip_prefix, tensor_dict,
 )
 
 __all__ = ["convert_srdiff", "srdiff_state_dict", "srdiff_key_map", "SRDIFF_SOURCE", "SRDIFF_INPUT_SCALE"]
@@ -193,17 +193,10 @@ def convert_srdiff(checkpoint, out, *, res_rescale: float = 2.0, timesteps: int 
     file). Returns a summary dict (config, schedule, notes).
     """
     from ..diffusion import Preprocess, YodaSettings
-    from ..models import save_checkpoint
 
     notes: list[str] = []
     yoda = YodaSettings(attention=attention, lower_bound=lower_bound)
     pre = Preprocess(upsample=upsample, input_scale=input_scale)
     cfg, state, schedule = srdiff_state_dict(checkpoint, res_rescale=res_rescale, timesteps=timesteps, notes=notes)
-    src = Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
-    extra = {
-        "family": "srdiff", "schedule": schedule, "yoda": yoda.to_dict(), "preprocess": pre.to_dict(),
-        "converted_from": {"codebase": SRDIFF_SOURCE, "file": src.name if src else None,
-                           "sha256": sha256_of(src) if src else None, "trained_with_yoda": False, "notes": notes},
-    }
-    save_checkpoint(out, state, cfg, extra=extra)
-    return {"config": cfg.to_dict(), "schedule": schedule, "notes": notes, "out": str(out)}
+    return save_converted(out, state, cfg, family="srdiff", schedule=schedule, yoda=yoda, preprocess=pre,
+                          codebase=SRDIFF_SOURCE, checkpoint=checkpoint, notes=notes)
