@@ -3,17 +3,21 @@
 //
 // Scheme: the listed tiles become row segments (one per run of adjacent tiles in a tile row).
 // Their halo'd input windows are gathered, with the prologue applied (concat of x and x2,
-// group-norm apply, activation, nearest x2, zero/reflect padding), into one of two layouts,
-// each convolved by one oneDNN call (at::conv2d / at::conv_transpose2d without padding) so the
-// GEMM stays large and efficient:
+// group-norm apply, activation, nearest x2, zero/reflect padding), into one of three layouts,
+// each convolved by one oneDNN or BLAS call (at::conv2d / at::conv_transpose2d without padding,
+// at::addmm) so the GEMM stays large and efficient:
 //   strip:   an image of the band's height whose columns are the segments' windows side by
 //            side; rows need a halo only above and below the band and columns share theirs
 //            within a segment, but the k - 1 output columns that straddle two windows are junk
 //            (+25% for an isolated 8-px tile);
 //   windows: every tile its own halo'd window, the windows a batch; nothing is junk, and oneDNN
 //            runs a batch of 8x8-output windows within 2-5% of the dense convolution per output
-//            pixel (2-px tiles: 25-60% slower).
-// sparse_conv_plan.h picks the cheaper per call (use_windows).  The scatter writes each
+//            pixel (2-px tiles: 25-60% slower);
+//   pixels:  every output pixel its own k x k window: the batch is an im2col matrix
+//            [pixels, k*k*C] and the convolution one GEMM. It reads the input k*k times, which
+//            the wide deep levels (C >= 256) afford: there 1- and 2-px tiles cost 1.2-1.6x dense
+//            per pixel, against 1.5-3x in the other two layouts.
+// sparse_conv_plan.h picks the cheapest per call (choose_layout).  The scatter writes each
 // segment's outputs into `out` with the epilogue (activation, per-(image, channel) add,
 // residual).
 #include "yoda_ops.h"
@@ -355,7 +359,36 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
         // the level needs at most every band's full window row
     const int64_t max_cols = B * ceil_div(g.Ho, g.th) * ((g.Wo - 1) * g.s + g.k + g.s);
     const int64_t full = sparse_conv::chunk_width(col_bytes, weight.numel() * weight.element_size(), max_cols, g);
-    if (sparse_conv::use_windows(segs, g, C)) {
+    const sparse_conv::Layout layout = sparse_conv::choose_layout(segs, g, C);
+    if (layout == sparse_conv::Layout::kPixels) {
+      // one k x k window per output pixel: the batch [N, C, k, k] (channels_last) is the
+      // im2col matrix [N, k*k*C] in (row, column, channel) order, and the convolution is one
+      // GEMM with the weight read as [k*k*C, C_out] (channels_last memory, transposed view)
+      const std::vector<Segment> pix = sparse_conv::make_pixels(segs, g);
+      const int64_t KK = g.k * g.k;
+      const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({w.size(0), KK * C}).t();
+      const int64_t max_per_call =
+          sparse_conv::windows_per_call(col_bytes * g.k, weight.numel() * weight.element_size());
+      const int64_t npix = static_cast<int64_t>(pix.size());
+      const int64_t per_call = ceil_div(npix, ceil_div(npix, max_per_call));
+      for (int64_t first = 0; first < npix; first += per_call) {
+        const int64_t n_here = std::min(per_call, npix - first);
+        std::vector<Segment> batch(pix.begin() + first, pix.begin() + first + n_here);
+        for (int64_t i = 0; i < n_here; ++i) {
+          batch[i].in_row = i * g.k;
+          batch[i].out_row = i;
+        }
+        at::Tensor cols = at::empty({n_here, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+        gather<scalar_t>(batch, g, x, x2, scale, shift, act, cols);
+        const at::Tensor a = cols.permute({0, 2, 3, 1}).reshape({n_here, KK * C});
+        const at::Tensor y = bias.has_value() ? at::addmm(*bias, a, wmat) : at::mm(a, wmat);
+        // [N, C_out] is the channels_last memory of a [1, C_out, N, 1] convolution output
+        scatter<scalar_t>(batch, y.view({1, n_here, 1, w.size(0)}).permute({0, 3, 1, 2}), out_act, addv, residual,
+                          accumulate, out);
+      }
+      return;
+    }
+    if (layout == sparse_conv::Layout::kWindows) {
       // window batches within a strip's byte budget, of equal sizes (a small remainder batch
       // runs less efficiently), each size on the ladder (extra windows stay zero)
       const std::vector<Segment> wins = sparse_conv::make_windows(segs, g);

@@ -239,9 +239,11 @@ inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const Co
 // RESULTS.md, "Two layouts, chosen per call").
 // The per-output-pixel costs relative to dense that choose between the layouts, measured here
 // (2-core AVX-512 CPU, C 64-512, fp32): strips 1.03 plus their junk columns; windows 1.06 from
-// 4 px on, 1.35 at 2-3 px, plus about 2.6 / N * 128 / C for a batch of N windows of C input
-// channels (8x8 tiles, C 128: 1.36 at N = 8, 1.21 at 16, 1.04-1.07 from 36 on; C 512: 1.21 at
-// N = 5): a small batch leaves threads idle, less so the more work a window holds.
+// 4 px on, plus about 2.6 / N * 128 / C for a batch of N windows of C input channels (8x8
+// tiles, C 128: 1.36 at N = 8, 1.21 at 16, 1.04-1.07 from 36 on; C 512: 1.21 at N = 5): a small
+// batch leaves threads idle, less so the more work a window holds. Windows of 2-3 px measured
+// 1.35 against strips, 1.5-2.3 against the pixel layout (random tiles, C 256-512, third
+// session): 1.8 is used; 1-px windows 3-8.
 inline double strip_cost(const std::vector<Segment>& segs, const ConvGeometry& g) {
   double cols = 0;
   for (const Segment& sg : segs) cols += static_cast<double>(sg.rows) * (sg.w + ceil_div(g.k - g.s, g.s));
@@ -253,18 +255,65 @@ inline double window_cost(const std::vector<Segment>& segs, const ConvGeometry& 
   for (const Segment& sg : segs) tiles += ceil_div(sg.w, g.tw);
   const double small_batch = 2.6 / static_cast<double>(std::max<int64_t>(tiles, 1)) * 128.0 /
                              static_cast<double>(std::max<int64_t>(channels, 1));
-  const double per_pixel = (std::min(g.th, g.tw) >= 4 ? 1.06 : 1.35) + small_batch;
+  const int64_t side = std::min(g.th, g.tw);
+  const double per_pixel = (side >= 4 ? 1.06 : side >= 2 ? 1.8 : 3.5) + small_batch;
   return per_pixel * static_cast<double>(tiles * g.th * g.tw);
 }
 
-// YODA_SPARSE_CONV_LAYOUT=strip|windows forces a layout (tests, benchmarks); otherwise the
-// cheaper by the costs above. Transposed and 1x1 convolutions have no junk columns: strips.
-inline bool use_windows(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
-  if (g.transposed || g.k <= g.s) return false;
+// The pixel layout (CPU): one k x k window per output pixel, which is an im2col matrix
+// [pixels, k*k*C], convolved by one GEMM. No halo work at all, at the price of reading every
+// input k*k times and of a GEMM (K = k*k*C) instead of oneDNN's direct convolution: it pays for
+// the small tiles of deep levels, where C is large and the maps small. Per output pixel against
+// dense (random tiles, f 0.3-0.6): 1.1-1.4 at C 512-1024, 1.5-2 at C 256, 1.8-2.8 at C 64-128;
+// the gather's k*k reads weigh against the GEMM's C_out multiply-adds: 1.05 + 96 / C.
+inline double pixel_cost(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+  int64_t pixels = 0;
+  for (const Segment& sg : segs) pixels += sg.rows * sg.w;
+  (void)g;
+  return (1.05 + 96.0 / static_cast<double>(std::max<int64_t>(channels, 1))) * static_cast<double>(pixels);
+}
+
+enum class Layout { kStrips, kWindows, kPixels };
+
+// YODA_SPARSE_CONV_LAYOUT=strip|windows|pixels forces a layout (tests, benchmarks); otherwise
+// the cheapest by the costs above. Transposed and 1x1 convolutions have no junk columns: strips.
+inline Layout choose_layout(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+  if (g.transposed || g.k <= g.s) return Layout::kStrips;
   const char* env = std::getenv("YODA_SPARSE_CONV_LAYOUT");
-  if (env && std::string(env) == "strip") return false;
-  if (env && std::string(env) == "windows") return true;
-  return window_cost(segs, g, channels) < strip_cost(segs, g);
+  if (env && std::string(env) == "strip") return Layout::kStrips;
+  if (env && std::string(env) == "windows") return Layout::kWindows;
+  if (env && std::string(env) == "pixels") return Layout::kPixels;
+  const double strips = strip_cost(segs, g), windows = window_cost(segs, g, channels);
+  // pixels only for tiles under 4 px: that is where it was measured to win, and larger tiles
+  // keep the layouts the convolution sweep measured
+  if (std::min(g.th, g.tw) < 4) {
+    const double pixels = pixel_cost(segs, g, channels);
+    if (pixels < strips && pixels < windows) return Layout::kPixels;
+  }
+  return windows < strips ? Layout::kWindows : Layout::kStrips;
+}
+
+// One window per output pixel of each segment (the pixel layout), placed in a batch.
+inline std::vector<Segment> make_pixels(const std::vector<Segment>& segs, const ConvGeometry& g) {
+  std::vector<Segment> pix;
+  for (const Segment& sg : segs) {
+    for (int64_t rr = 0; rr < sg.rows; ++rr) {
+      for (int64_t c = 0; c < sg.w; ++c) {
+        Segment pc = sg;
+        pc.r0 = sg.r0 + rr;
+        pc.rows = 1;
+        pc.x0 = sg.x0 + c;
+        pc.w = 1;
+        pc.vy0 = pc.r0 * g.s - g.p;
+        pc.vx0 = pc.x0 * g.s - g.p;
+        pc.in_col = 0;
+        pc.in_w = g.k;
+        pc.out_col = 0;
+        pix.push_back(pc);
+      }
+    }
+  }
+  return pix;
 }
 
 // Windows per convolution call: the byte budget of a strip (chunk_bytes(), or twice the weights)

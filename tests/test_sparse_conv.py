@@ -211,14 +211,15 @@ def test_cpp_strips_split_long_segments(monkeypatch, geo_name):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("layout", ["strip", "windows"])
+@pytest.mark.parametrize("layout", ["strip", "windows", "pixels"])
 @pytest.mark.parametrize("strip_bytes", [None, "3000"])
 @pytest.mark.parametrize("geo_name", list(GEOMETRIES))
 def test_cpp_layouts_agree(monkeypatch, geo_name, strip_bytes, layout):
-    """The C++ kernel's two layouts (segments side by side in a strip; one halo'd window per
-    tile, batched), forced by YODA_SPARSE_CONV_LAYOUT, on odd sizes with clipped edge tiles, a
-    fused prologue and epilogue, and (with tiny strips) several window batches, the last one
-    padded to its ladder size. Transposed and 1x1 layers always take strips."""
+    """The C++ kernel's three layouts (segments side by side in a strip; one halo'd window per
+    tile, batched; one window per output pixel, an im2col GEMM), forced by
+    YODA_SPARSE_CONV_LAYOUT, on odd sizes with clipped edge tiles, a fused prologue and
+    epilogue, and (with tiny strips) several window batches, the last one padded to its ladder
+    size. Transposed and 1x1 layers always take strips."""
     if "cpp" not in available_backends():
         pytest.skip("C++ extension not available")
     monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", layout)
@@ -242,6 +243,36 @@ def test_cpp_layouts_agree(monkeypatch, geo_name, strip_bytes, layout):
     assert torch.equal(outs[1][~pix], out0[~pix])
     truth = dense_truth(x, w, b, geo, x2=x2, act="silu", out_act="silu", add=add, residual=out0)
     torch.testing.assert_close(outs[1][pix], truth[pix], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["pixels", None])
+@pytest.mark.parametrize("geo_name", ["3x3", "3x3_s2_reflect", "up2_3x3"])
+def test_cpp_one_pixel_tiles_without_bias_on_strided_views(monkeypatch, geo_name, layout):
+    """1-pixel tiles (what the engine uses at deep levels), no bias, a strided input view, an
+    NCHW output and float32: the im2col GEMM against the reference; the default choice (None)
+    too, with channels wide enough for the cost estimate to pick the pixel layout."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    if layout:
+        monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", layout)
+    geo = GEOMETRIES[geo_name]
+    g = torch.Generator().manual_seed(8)
+    C = 300
+    big = torch.randn(1, C + 3, 11, 14, generator=g)
+    x = big[:, 2:C + 2, 1:10, 1:14:2]  # [1, C, 9, 7], not contiguous in any format
+    k, s, p, mode, u, _ = geo
+    w = torch.randn(5, C, k, k, generator=g) / (3 * C ** 0.5)
+    Ho = (9 * u + 2 * p - k) // s + 1
+    Wo = (7 * u + 2 * p - k) // s + 1
+    tmap = torch.rand(1, Ho, Wo, generator=g) < 0.4
+    outs = []
+    for backend in ("reference", "cpp"):
+        out = torch.randn(1, 5, Ho, Wo, generator=torch.Generator().manual_seed(9))
+        call(x, w, None, tmap, out, geo, (1, 1), backend, act="silu")
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-4, atol=2e-4)
+    untouched = ~tmap[:, None].expand_as(outs[0])
+    assert torch.equal(outs[1][untouched], outs[0][untouched])
 
 
 @pytest.mark.parametrize("backend", ["reference"] + available_backends())

@@ -29,7 +29,9 @@ from .plan import sparse_work
 
 __all__ = ["CostModel", "cost_cache_path"]
 
-_VERSION = 4  # of what is measured (4: the CPU kernel's window batches): other versions are measured again
+# of what is measured (4: the CPU kernel's window batches; 5: its pixel layout and 1-px deep
+# tiles): other versions are measured again
+_VERSION = 5
 
 
 def cost_cache_path() -> Path:

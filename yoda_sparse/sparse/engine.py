@@ -74,7 +74,9 @@ class SparseUNet:
             per image in the sampler, as before). Used in eval mode; not modified.
         tile: tile side in full-resolution pixels at level 0 (halved per level).
         min_tile: smallest tile side at deep levels, in level pixels (>= 2 for SRDiff's
-            transposed upsampling).
+            transposed upsampling). Default: 1 for SR3 on the CPU, where the C++ kernel runs
+            1-pixel tiles of the wide deep levels as one im2col GEMM (4-12% cheaper sparse
+            steps than 2-pixel tiles, benchmarks/RESULTS.md), else 2.
         halo: dilation of the active tiles, in tiles: one int for every level, or a sequence of
             one per level (the last repeats for deeper levels).
         norm_stats: "current" (group-norm statistics over the current map every step) or
@@ -88,7 +90,7 @@ class SparseUNet:
         backend: force a backend of ``ops.sparse_conv2d`` (default: the registry's choice).
     """
 
-    def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int = 2, halo: int = 0,
+    def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int | None = None, halo: int = 0,
                  norm_stats: str = "current", refresh_every: int = 8, cost_model: CostModel | float | None = None,
                  backend: str | None = None):
         self.model = model
@@ -96,7 +98,8 @@ class SparseUNet:
         self.family = "sr3" if isinstance(self.unet, SR3UNet) else "srdiff"
         check_supported(self.unet)
         self.tile = _positive_int("tile", tile)
-        self.min_tile = _positive_int("min_tile", min_tile, 2 if self.family == "srdiff" else 1)
+        self.min_tile = None if min_tile is None else _positive_int("min_tile", min_tile,
+                                                                     2 if self.family == "srdiff" else 1)
         if self.family == "srdiff" and (tile & (tile - 1)):
             raise ValueError(f"tile: SRDiff's transposed upsampling needs a power of two, got {tile}")
         if isinstance(halo, (list, tuple)):
@@ -135,6 +138,12 @@ class SparseUNet:
         self._filled = False
         self._step = 0
         self._cond_hr = None
+
+    def min_tile_for(self, device: torch.device) -> int:
+        """The smallest tile side used on ``device`` (``min_tile``, or its default there)."""
+        if self.min_tile is not None:
+            return self.min_tile
+        return 1 if self.family == "sr3" and device.type == "cpu" else 2
 
     @property
     def cache_bytes(self) -> int:
@@ -211,11 +220,13 @@ class SparseUNet:
         return self.unet(z, t, cond)
 
     def _plans(self, mask: torch.Tensor, sizes, z) -> list[LevelPlan]:
-        maps = level_tile_maps(mask, len(sizes), self.tile, self.min_tile, self.halo)
-        tiles = level_tile_sizes(len(sizes), self.tile, self.min_tile)
+        min_tile = self.min_tile_for(z.device)
+        maps = level_tile_maps(mask, len(sizes), self.tile, min_tile, self.halo)
+        tiles = level_tile_sizes(len(sizes), self.tile, min_tile)
         fill = not self._filled
-        # a refresh recomputes every tile through the sparse layers, in the cache's own buffers
-        # (a dense pass would allocate every map afresh: page faults, ~10% slower here)
+        # a refresh runs every level dense, replacing the cached maps: each freed map is reused
+        # by malloc for the next layer's, and oneDNN's dense convolution beats the sparse kernel
+        # over all tiles (2.09-2.10 s against 2.33-2.59 s for SR3 at 256x256 here)
         refresh = self._filled and bool(self.refresh_every) and self._step % self.refresh_every == 0
         channels = self._level_channels()
         plans = []
@@ -225,8 +236,7 @@ class SparseUNet:
             if fill:
                 dense = True
             elif refresh:
-                dense = False
-                tm = torch.ones_like(tm)
+                dense = True
             else:
                 thr = self.cost_model.threshold(z.device, z.dtype, z.shape[0], channels[lvl], size, t, self.backend)
                 dense = work >= thr

@@ -100,8 +100,7 @@ class StepContext:
             self.maps[name] = y
             return y
         out = self.maps[name]
-        # a refresh step recomputes every tile: frozen statistics are taken again there
-        params = self._stats(name, norm, x, x2, dense=plan.refresh) if norm is not None else None
+        params = self._stats(name, norm, x, x2, dense=False) if norm is not None else None
         ops.sparse_conv2d(
             x, weight, conv.bias, plan.tiles, out, count=plan.count, tile=plan.tile, stride=conv.stride[0],
             padding=conv.padding[0], padding_mode="zeros" if transposed else conv.padding_mode, upsample=upsample,
