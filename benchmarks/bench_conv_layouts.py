@@ -1,6 +1,7 @@
 """Which layout keeps oneDNN efficient for a convolution over scattered tiles: the measurement
-behind the C++ sparse convolution's choice between its two layouts (csrc/sparse_conv_plan.h,
-``use_windows``).
+behind the C++ sparse convolution's choice between strips and window batches
+(csrc/sparse_conv_plan.h, ``choose_layout``; its third layout, one window per pixel, is timed
+through the op by ``bench_sparse_conv.py --cpp-layouts``).
 
     python benchmarks/bench_conv_layouts.py            # CPU, fp32, 2 threads
 

@@ -367,8 +367,8 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
       const std::vector<Segment> pix = sparse_conv::make_pixels(segs, g);
       const int64_t KK = g.k * g.k;
       const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({w.size(0), KK * C}).t();
-      const int64_t max_per_call =
-          sparse_conv::windows_per_call(col_bytes * g.k, weight.numel() * weight.element_size());
+      const int64_t max_per_call = sparse_conv::windows_per_call(
+          KK * C * static_cast<int64_t>(sizeof(scalar_t)), weight.numel() * weight.element_size());
       const int64_t npix = static_cast<int64_t>(pix.size());
       const int64_t per_call = ceil_div(npix, ceil_div(npix, max_per_call));
       for (int64_t first = 0; first < npix; first += per_call) {

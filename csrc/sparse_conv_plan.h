@@ -236,7 +236,7 @@ inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const Co
 // runs a batch of 8x8-output windows within 2-5% of the dense convolution, where a strip of
 // single-tile segments computes (tw + k - 1) / tw columns per useful one (+25% at 8 px);
 // tiles of 2 px cost 25-60% more per pixel (benchmarks/bench_conv_layouts.py; benchmarks/
-// RESULTS.md, "Two layouts, chosen per call").
+// RESULTS.md, "Three layouts, chosen per call").
 // The per-output-pixel costs relative to dense that choose between the layouts, measured here
 // (2-core AVX-512 CPU, C 64-512, fp32): strips 1.03 plus their junk columns; windows 1.06 from
 // 4 px on, plus about 2.6 / N * 128 / C for a batch of N windows of C input channels (8x8
@@ -266,10 +266,9 @@ inline double window_cost(const std::vector<Segment>& segs, const ConvGeometry& 
 // the small tiles of deep levels, where C is large and the maps small. Per output pixel against
 // dense (random tiles, f 0.3-0.6): 1.1-1.4 at C 512-1024, 1.5-2 at C 256, 1.8-2.8 at C 64-128;
 // the gather's k*k reads weigh against the GEMM's C_out multiply-adds: 1.05 + 96 / C.
-inline double pixel_cost(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+inline double pixel_cost(const std::vector<Segment>& segs, int64_t channels) {
   int64_t pixels = 0;
   for (const Segment& sg : segs) pixels += sg.rows * sg.w;
-  (void)g;
   return (1.05 + 96.0 / static_cast<double>(std::max<int64_t>(channels, 1))) * static_cast<double>(pixels);
 }
 
@@ -287,7 +286,7 @@ inline Layout choose_layout(const std::vector<Segment>& segs, const ConvGeometry
   // pixels only for tiles under 4 px: that is where it was measured to win, and larger tiles
   // keep the layouts the convolution sweep measured
   if (std::min(g.th, g.tw) < 4) {
-    const double pixels = pixel_cost(segs, g, channels);
+    const double pixels = pixel_cost(segs, channels);
     if (pixels < strips && pixels < windows) return Layout::kPixels;
   }
   return windows < strips ? Layout::kWindows : Layout::kStrips;

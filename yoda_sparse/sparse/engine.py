@@ -75,8 +75,8 @@ class SparseUNet:
         tile: tile side in full-resolution pixels at level 0 (halved per level).
         min_tile: smallest tile side at deep levels, in level pixels (>= 2 for SRDiff's
             transposed upsampling). Default: 1 for SR3 on the CPU, where the C++ kernel runs
-            1-pixel tiles of the wide deep levels as one im2col GEMM (4-12% cheaper sparse
-            steps than 2-pixel tiles, benchmarks/RESULTS.md), else 2.
+            1-pixel tiles of the wide deep levels as one im2col GEMM (sparse steps 1-12%
+            cheaper than with 2-pixel tiles, benchmarks/RESULTS.md), else 2.
         halo: dilation of the active tiles, in tiles: one int for every level, or a sequence of
             one per level (the last repeats for deeper levels).
         norm_stats: "current" (group-norm statistics over the current map every step) or
