@@ -15,8 +15,8 @@
 //            pixel (2-px tiles: 25-60% slower);
 //   pixels:  every output pixel its own k x k window: the batch is an im2col matrix
 //            [pixels, k*k*C] and the convolution one GEMM. It reads the input k*k times, which
-//            the wide deep levels (C >= 256) afford: there 1- and 2-px tiles cost 1.2-1.6x dense
-//            per pixel, against 1.5-3x in the other two layouts.
+//            the wide deep levels (C >= 256) afford: there 1- and 2-px tiles cost 1.0-1.9x dense
+//            per pixel (f >= 0.3), against 1.5-3.7x in the other two layouts.
 // sparse_conv_plan.h picks the cheapest per call (choose_layout).  The scatter writes each
 // segment's outputs into `out` with the epilogue (activation, per-(image, channel) add,
 // residual).

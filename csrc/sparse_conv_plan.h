@@ -264,7 +264,7 @@ inline double window_cost(const std::vector<Segment>& segs, const ConvGeometry& 
 // [pixels, k*k*C], convolved by one GEMM. No halo work at all, at the price of reading every
 // input k*k times and of a GEMM (K = k*k*C) instead of oneDNN's direct convolution: it pays for
 // the small tiles of deep levels, where C is large and the maps small. Per output pixel against
-// dense (random tiles, f 0.3-0.6): 1.1-1.4 at C 512-1024, 1.5-2 at C 256, 1.8-2.8 at C 64-128;
+// dense (random tiles, f 0.3-0.6): 1.0-1.5 at C 512-1024, 1.5-1.9 at C 256, 2.3-3.1 at C 64-128;
 // the gather's k*k reads weigh against the GEMM's C_out multiply-adds: 1.05 + 96 / C.
 inline double pixel_cost(const std::vector<Segment>& segs, int64_t channels) {
   int64_t pixels = 0;
