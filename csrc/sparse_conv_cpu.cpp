@@ -356,63 +356,49 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     // reuse its memory, where one strip of a large map costs a fresh mmap, hence a page fault
     // per 4 KiB, on every call (measured: a third of the gather time at 256x256x128).
     const int64_t col_bytes = SH * C * static_cast<int64_t>(sizeof(scalar_t));
-        // the level needs at most every band's full window row
-    const int64_t max_cols = B * ceil_div(g.Ho, g.th) * ((g.Wo - 1) * g.s + g.k + g.s);
-    const int64_t full = sparse_conv::chunk_width(col_bytes, weight.numel() * weight.element_size(), max_cols, g);
     const sparse_conv::Layout layout = sparse_conv::choose_layout(segs, g, C);
     if (layout == sparse_conv::Layout::kPixels) {
       // one k x k window per output pixel: the batch [N, C, k, k] (channels_last) is the
       // im2col matrix [N, k*k*C] in (row, column, channel) order, and the convolution is one
       // GEMM with the weight read as [k*k*C, C_out] (channels_last memory, transposed view)
-      const std::vector<Segment> pix = sparse_conv::make_pixels(segs, g);
-      const int64_t KK = g.k * g.k;
-      const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({w.size(0), KK * C}).t();
+      const int64_t KK = g.k * g.k, Cout = w.size(0);
+      const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({Cout, KK * C}).t();
       const int64_t max_per_call = sparse_conv::windows_per_call(
           KK * C * static_cast<int64_t>(sizeof(scalar_t)), weight.numel() * weight.element_size());
-      const int64_t npix = static_cast<int64_t>(pix.size());
-      const int64_t per_call = ceil_div(npix, ceil_div(npix, max_per_call));
-      for (int64_t first = 0; first < npix; first += per_call) {
-        const int64_t n_here = std::min(per_call, npix - first);
-        std::vector<Segment> batch(pix.begin() + first, pix.begin() + first + n_here);
-        for (int64_t i = 0; i < n_here; ++i) {
-          batch[i].in_row = i * g.k;
-          batch[i].out_row = i;
-        }
-        at::Tensor cols = at::empty({n_here, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      sparse_conv::for_each_batch(sparse_conv::make_pixels(segs, g), max_per_call, g.k, 1,
+                                  [&](const std::vector<Segment>& batch) {
+        const int64_t N = static_cast<int64_t>(batch.size());
+        at::Tensor cols = at::empty({N, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
         gather<scalar_t>(batch, g, x, x2, scale, shift, act, cols);
-        const at::Tensor a = cols.permute({0, 2, 3, 1}).reshape({n_here, KK * C});
+        const at::Tensor a = cols.permute({0, 2, 3, 1}).reshape({N, KK * C});
         const at::Tensor y = bias.has_value() ? at::addmm(*bias, a, wmat) : at::mm(a, wmat);
         // [N, C_out] is the channels_last memory of a [1, C_out, N, 1] convolution output
-        scatter<scalar_t>(batch, y.view({1, n_here, 1, w.size(0)}).permute({0, 3, 1, 2}), out_act, addv, residual,
-                          accumulate, out);
-      }
+        scatter<scalar_t>(batch, y.view({1, N, 1, Cout}).permute({0, 3, 1, 2}), out_act, addv, residual, accumulate,
+                          out);
+      });
       return;
     }
     if (layout == sparse_conv::Layout::kWindows) {
-      // window batches within a strip's byte budget, of equal sizes (a small remainder batch
-      // runs less efficiently), each size on the ladder (extra windows stay zero)
-      const std::vector<Segment> wins = sparse_conv::make_windows(segs, g);
-      const int64_t WW = (g.tw - 1) * g.s + g.k, OH = g.th;
+      // window batches within a strip's byte budget, each size on the ladder (extra windows
+      // stay zero)
+      const int64_t WW = (g.tw - 1) * g.s + g.k;
       const int64_t max_per_call =
           sparse_conv::windows_per_call(col_bytes * WW, weight.numel() * weight.element_size());
-      const int64_t nwin = static_cast<int64_t>(wins.size());
-      const int64_t per_call = ceil_div(nwin, ceil_div(nwin, max_per_call));
-      for (int64_t first = 0; first < nwin; first += per_call) {
-        const int64_t n_here = std::min(per_call, nwin - first);
+      sparse_conv::for_each_batch(sparse_conv::make_windows(segs, g), max_per_call, SH, g.th,
+                                  [&](const std::vector<Segment>& batch) {
+        const int64_t n_here = static_cast<int64_t>(batch.size());
         const int64_t N = std::max(n_here, sparse_conv::window_batch(n_here, max_per_call));
-        std::vector<Segment> batch(wins.begin() + first, wins.begin() + first + n_here);
-        for (int64_t i = 0; i < n_here; ++i) {
-          batch[i].in_row = i * SH;
-          batch[i].out_row = i * OH;
-        }
         at::Tensor strip = at::empty({N, C, SH, WW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
         if (N > n_here) strip.narrow(0, n_here, N - n_here).zero_();
         gather<scalar_t>(batch, g, x, x2, scale, shift, act, strip);
         at::Tensor y = at::conv2d(strip, w, bias, st, zero, one, 1);
         scatter<scalar_t>(batch, y, out_act, addv, residual, accumulate, out);
-      }
+      });
       return;
     }
+    // strips: the level needs at most every band's full window row
+    const int64_t max_cols = B * ceil_div(g.Ho, g.th) * ((g.Wo - 1) * g.s + g.k + g.s);
+    const int64_t full = sparse_conv::chunk_width(col_bytes, weight.numel() * weight.element_size(), max_cols, g);
     for (const sparse_conv::Chunk& ch : sparse_conv::make_chunks(segs, g, full)) {
       const std::vector<Segment>& chunk = ch.segs;
       const int64_t chunk_w = ch.width;

@@ -327,6 +327,26 @@ inline int64_t window_batch(int64_t n, int64_t per_call) {
   return std::min(per_call, n <= 16 ? n : ladder_width(n));
 }
 
+// Calls fn(batch) over `items` (windows or pixels) in equal batches of at most `max_per_call`
+// (a small remainder batch runs less efficiently), each item placed at input rows
+// i * in_rows and output rows i * out_rows of its batch.
+template <typename Fn>
+inline void for_each_batch(const std::vector<Segment>& items, int64_t max_per_call, int64_t in_rows,
+                           int64_t out_rows, Fn&& fn) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (n == 0) return;
+  const int64_t per_call = ceil_div(n, ceil_div(n, max_per_call));
+  for (int64_t first = 0; first < n; first += per_call) {
+    const int64_t n_here = std::min(per_call, n - first);
+    std::vector<Segment> batch(items.begin() + first, items.begin() + first + n_here);
+    for (int64_t i = 0; i < n_here; ++i) {
+      batch[i].in_row = i * in_rows;
+      batch[i].out_row = i * out_rows;
+    }
+    fn(batch);
+  }
+}
+
 // One window per tile of each segment, placed in a batch of windows: windows[i] is the tile
 // (its output columns clipped at the image edge) and goes to batch entry i.
 inline std::vector<Segment> make_windows(const std::vector<Segment>& segs, const ConvGeometry& g) {

@@ -19,9 +19,10 @@ CUDA graph can be captured once per shape).
 
 Backends (the registry picks the best available; ``backend=`` forces one): ``reference``
 (pure PyTorch gather -> conv -> scatter, the truth), ``cpp`` (CPU: a fused gather of the
-active row segments side by side into strips, or of every tile's halo'd window into a batch,
-whichever costs less for the call; one oneDNN convolution per strip or batch; a fused
-scatter), ``triton`` (implicit GEMM over active tiles) and ``cuda_ext``.
+active row segments side by side into strips, of every tile's halo'd window into a batch, or of
+every output pixel's window into an im2col matrix, whichever costs least for the call; one
+oneDNN convolution or GEMM per strip or batch; a fused scatter), ``triton`` (implicit GEMM over
+active tiles) and ``cuda_ext``.
 """
 from __future__ import annotations
 

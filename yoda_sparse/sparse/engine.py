@@ -233,9 +233,7 @@ class SparseUNet:
         for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
             frac = float(tm.float().mean())
             work = sparse_work(tm, t, size[1])
-            if fill:
-                dense = True
-            elif refresh:
+            if fill or refresh:
                 dense = True
             else:
                 thr = self.cost_model.threshold(z.device, z.dtype, z.shape[0], channels[lvl], size, t, self.backend)
