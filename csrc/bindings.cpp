@@ -68,7 +68,7 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
       "Tensor? add, Tensor? residual, bool accumulate) -> ()");
   // Group-norm statistics of cat(x, x2) along channels: (mean, 1/sqrt(var + eps)) per
   // (image, group), float32 (float64 for float64 maps); the sparse engine's "current" norms.
-  m.def("ext_group_stats(Tensor x, Tensor? x2, int groups, float eps) -> (Tensor, Tensor)");
+  m.def("ext_group_stats(Tensor x, Tensor? x2, int groups, float eps, Tensor? weight=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(yoda_sparse, Autograd, m) {

@@ -196,9 +196,10 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
                        const std::optional<at::Tensor>& residual, bool accumulate);
 
 // Group-norm statistics of cat(x, x2) (group_stats_cpu.cpp): (mean, rstd) [B, groups] in the
-// accumulation dtype.
+// accumulation dtype; with per-pixel weights [B, H*W] (summing to 1 per image) weighted moments.
 std::tuple<at::Tensor, at::Tensor> group_stats_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
-                                                   int64_t groups, double eps);
+                                                   int64_t groups, double eps,
+                                                   const std::optional<at::Tensor>& weight);
 
 // ---- autograd of ext_masked_l1_loss (yoda_autograd.cpp; any device, through the dispatcher) --
 at::Tensor masked_l1_loss_autograd(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,

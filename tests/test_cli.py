@@ -141,7 +141,8 @@ def test_upscale_and_eval_on_the_sparse_engine(tiny_checkpoints, images, tmp_pat
     hr.mkdir()
     save_image(bundled_images()["coffee"]()[:, :64, :64], hr / "coffee.png")
     rc = main(["eval", str(hr), "--checkpoint", str(tiny_checkpoints["sr3_tiny"]), "--out", str(tmp_path / "ev"),
-               "--steps", "2", "--crop", "32", "--ratio-methods", "", "--engine", "sparse", "--halo", "1"])
+               "--steps", "2", "--crop", "32", "--ratio-methods", "", "--engine", "sparse", "--halo", "1", "--norm-stats", "probed",
+               "--probes", "2"])
     assert rc == 0
     with pytest.raises(SystemExit):
         main(["upscale", str(images["b"]), "--out", str(tmp_path), "--checkpoint", str(tiny_checkpoints["sr3_tiny"]),

@@ -12,7 +12,8 @@ import torch
 from yoda_sparse.diffusion import build_diffusion
 from yoda_sparse.models import build_model, get_model_config
 from yoda_sparse.sparse import CostModel, SparseUNet, UnsupportedLayerError
-from yoda_sparse.sparse.plan import level_tile_maps
+from yoda_sparse.sparse.norm import group_stats
+from yoda_sparse.sparse.plan import LevelPlan, level_probes, level_tile_maps, probe_centres, with_probes
 
 FAMILIES = ("sr3_tiny", "srdiff_tiny")
 H = W = 32
@@ -63,7 +64,9 @@ def test_all_ones_mask_is_the_dense_model(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_first_step_exact_and_sparse_steps_exact_while_the_input_is_unchanged(name):
     model, z, kw, dense = setup(name)
-    eng = SparseUNet(model, cost_model=2.0)
+    # "current" statistics: with the state unchanged, the cached map is the dense one (the
+    # default "probed" statistics estimate the inactive area's from probe tiles instead)
+    eng = SparseUNet(model, cost_model=2.0, norm_stats="current")
     mask = blob_mask(z.shape[0])
     ref = dense(z)
     torch.testing.assert_close(eng(z, mask, **kw), ref, rtol=1e-10, atol=1e-10)  # the dense fill step
@@ -195,7 +198,8 @@ def test_unsupported_layers_and_bad_input_name_the_argument():
         eng(z, blob_mask(), x_up=torch.randn(1, 3, H, W), noise_level=kw["noise_level"])
     with pytest.raises(ValueError, match="z"):
         eng(torch.randn(2, 3, 30, 30), torch.ones(2, 1, 30, 30, dtype=torch.bool), **kw)
-    for bad in (dict(tile=0), dict(halo=-1), dict(norm_stats="exact"), dict(refresh_every=-2), dict(cost_model="x")):
+    for bad in (dict(tile=0), dict(halo=-1), dict(norm_stats="exact"), dict(refresh_every=-2), dict(cost_model="x"),
+                dict(probes=1)):
         with pytest.raises((ValueError, TypeError), match=next(iter(bad)).split("_")[0]):
             SparseUNet(model, **bad)
 
@@ -225,3 +229,107 @@ def test_cost_model_measures_once_and_persists(tmp_path):
     path.write_text("{not json")
     assert isinstance(CostModel(path=path, rounds=1).threshold("cpu", torch.float32, 1, 16, (16, 16), 4), float)
     assert CostModel(fixed=0.5).threshold("cpu", torch.float32, 1, 16, (16, 16), 4) == 0.5
+
+
+def test_weighted_group_stats_match_float64_and_the_torch_path(monkeypatch):
+    """The probed statistics' weighted moments: the C++ kernel (float64, a concatenated second
+    map, a non-channels_last input) and the torch path against a float64 reference; uniform
+    weights give the plain statistics."""
+    from yoda_sparse.sparse import norm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 9, 7, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x2 = torch.randn(2, 4, 9, 7, generator=g, dtype=torch.float64)  # NCHW: copied by the kernel
+    w = torch.rand(2, 9, 7, generator=g, dtype=torch.float64) * (torch.rand(2, 9, 7, generator=g) < 0.5)
+    w = w / w.sum((1, 2), keepdim=True)
+    v = torch.cat([x, x2], 1).view(2, 4, 4, 9, 7)
+    m1 = (v * w[:, None, None]).sum((3, 4)).mean(2)
+    m2 = (v * v * w[:, None, None]).sum((3, 4)).mean(2)
+    ref = (m1, (m2 - m1 * m1 + 1e-5).rsqrt())
+    fast = group_stats(x, x2, 4, 1e-5, w)
+    monkeypatch.setattr(norm, "_EXT", [False])
+    slow = group_stats(x, x2, 4, 1e-5, w)
+    for got in (fast, slow):
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(norm, "_EXT", [])
+    uniform = torch.full((2, 9, 7), 1 / 63, dtype=torch.float64)
+    for a, b in zip(group_stats(x, x2, 4, 1e-5, uniform), group_stats(x, x2, 4, 1e-5)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_probe_lattice_reaches_every_border_and_plans_weigh_probes_for_the_inactive_area():
+    centres = probe_centres((32, 40), 3, 8)
+    ys, xs = centres[0, 0].nonzero().unbind(1)
+    assert sorted(set(ys.tolist())) == [4, 16, 27] and sorted(set(xs.tolist())) == [4, 20, 35]
+    probes = level_probes((32, 40), 3, 2, 8, 2)
+    assert probes[0].nonzero().tolist() == [[r, c] for r in (0, 2, 3) for c in (0, 2, 4)]
+    assert torch.equal(probes[1], probes[0])  # 4-pixel tiles at level 1: the same grid
+    active = torch.zeros(2, 4, 5, dtype=torch.bool)
+    active[0, 1:3, 1:3] = True  # covers the centre probe tile (2, 2)
+    active[1] = True  # every tile: no probe outside the active ones
+    computed = with_probes(active, probes[0])
+    assert computed[1].all()
+    # image 0: the 8 probe tiles outside the active block, each with its ring (every tile here)
+    assert computed[0].all() and not with_probes(active, probes[0], context=0)[0].all()
+    plan = LevelPlan(0, (32, 40), 8, computed, 1.0, False, probes=probes[0], active_map=active)
+    w = plan.stat_weights()
+    torch.testing.assert_close(w.sum((1, 2)), torch.ones(2))
+    n = 32 * 40
+    assert w[0, 10, 10] == pytest.approx(1 / n)  # active pixel: its share of the map
+    # a probe pixel stands for the inactive area: (n - active pixels) / (n * probe pixels)
+    assert w[0, 0, 0] == pytest.approx((n - 4 * 64) / (n * 8 * 64))
+    assert w[0, 0, 12] == 0  # a context tile: computed, not counted
+    torch.testing.assert_close(w[1], torch.full((32, 40), 1 / n))  # all active: the whole map
+    # border tiles and interior are separate strata, each standing in for its own inactive pixels
+    one = torch.zeros(1, 4, 5, dtype=torch.bool)
+    one[0, 1, 1] = True  # an interior tile, no probe
+    w = LevelPlan(0, (32, 40), 8, with_probes(one, probes[0]), 1.0, False, probes=probes[0],
+                  active_map=one).stat_weights()[0]
+    assert w[12, 12] == pytest.approx(1 / n)
+    assert w[20, 20] == pytest.approx(5 * 64 / (n * 64))  # the interior probe (2, 2): 5 inactive tiles
+    assert w[0, 0] == pytest.approx(14 * 64 / (n * 8 * 64))  # 8 border probes: 14 border tiles
+    assert float(w.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_probed_statistics_compute_probes_only_where_there_is_group_norm(name):
+    model, z, kw, dense = setup(name, dtype=torch.float32)
+    mask = torch.zeros(z.shape[0], 1, H, W, dtype=torch.bool)
+    mask[:, :, 12:20, 12:20] = True
+    fractions = {}
+    for stats in ("current", "probed"):
+        eng = SparseUNet(model, cost_model=2.0, norm_stats=stats, tile=4)
+        eng(z, mask, **kw)
+        z2 = z + 0.1 * torch.randn_like(z)
+        eps = eng(z2, mask, **kw)
+        fractions[stats] = eng.history[1]["fractions"][0]
+        m = mask.expand_as(eps)
+        err = (eps - dense(z2))[m].abs().mean().item()
+        assert err < 0.5 * dense(z2)[m].abs().mean().item()
+    if name.startswith("sr3"):  # probe tiles and their rings are computed too
+        assert fractions["probed"] > fractions["current"]
+    else:  # SRDiff's UNet has no GroupNorm: nothing to probe
+        assert fractions["probed"] == fractions["current"]
+
+
+def test_auto_norm_stats_probe_only_once_the_noise_level_has_moved():
+    """"auto" (the default) uses the current map's statistics while the cache is fresh and
+    probes once SR3's noise level has moved past AUTO_PROBE_STALENESS since the cache was filled."""
+    from yoda_sparse.sparse.engine import AUTO_PROBE_STALENESS
+
+    model, z, kw, dense = setup("sr3_tiny", dtype=torch.float32)
+    mask = torch.zeros(z.shape[0], 1, H, W, dtype=torch.bool)
+    mask[:, :, 12:20, 12:20] = True
+    eng = SparseUNet(model, cost_model=2.0, tile=4)
+    assert eng.norm_stats == "auto"
+    level = torch.full((z.shape[0],), 0.3)
+    for moved in (0.0, 0.5 * AUTO_PROBE_STALENESS, 2 * AUTO_PROBE_STALENESS):
+        eng(z, mask, x_up=kw["x_up"], noise_level=level + moved)
+    assert all(eng.history[0]["dense"]) and not any(eng.history[2]["dense"])
+    near, far = (h["fractions"][0] for h in eng.history[1:])
+    assert far > near  # the last step computes probe tiles too
+    current = SparseUNet(model, cost_model=2.0, tile=4, norm_stats="current")
+    current(z, mask, x_up=kw["x_up"], noise_level=level)
+    current(z, mask, x_up=kw["x_up"], noise_level=level)
+    assert current.history[1]["fractions"][0] == near

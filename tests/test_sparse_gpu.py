@@ -113,10 +113,13 @@ def test_sparse_engine_on_gpu_matches_dense_in_the_first_step():
     level = torch.rand(2, device=dev)
     mask = torch.zeros(2, 1, 64, 64, dtype=torch.bool, device=dev)
     mask[..., 10:40, 5:30] = True
-    eng = SparseUNet(model, cost_model=2.0)
+    eng = SparseUNet(model, cost_model=2.0, norm_stats="current")  # whole-map statistics: exact here
     with torch.no_grad():
         dense = model(torch.cat([x_up, z], 1), level)
     torch.testing.assert_close(eng(z, mask, x_up=x_up, noise_level=level), dense, rtol=1e-3, atol=1e-3)
     eps = eng(z, mask, x_up=x_up, noise_level=level)  # sparse, unchanged input: equal in the active area
     m = mask.expand_as(eps)
     torch.testing.assert_close(eps[m], dense[m], rtol=2e-3, atol=2e-3)
+    probed = SparseUNet(model, cost_model=2.0)  # probe tiles and weighted statistics on the device
+    probed(z, mask, x_up=x_up, noise_level=level)
+    assert torch.isfinite(probed(z, mask, x_up=x_up, noise_level=level)).all()

@@ -353,6 +353,8 @@ def write_outputs(results: dict, out: Path) -> None:
 # ---------------------------------------------------------------------------- command line
 def add_engine_arguments(q, *, with_engine: bool = True) -> None:
     """The engine choice and the SparseUNet options, shared by bench, upscale and eval."""
+    from .sparse.norm import NORM_STATS
+
     if with_engine:
         q.add_argument("--engine", choices=("auto", "dense", "sparse"), default="auto",
                        help="YODA runs: 'sparse' computes the UNet only on each step's active tiles, 'dense' "
@@ -361,8 +363,10 @@ def add_engine_arguments(q, *, with_engine: bool = True) -> None:
                    help="sparse engine: tile side at full resolution (default 8)")
     q.add_argument("--min-tile", type=int, default=None, help="sparse engine: smallest tile side at deep levels")
     q.add_argument("--halo", type=int, default=None, help="sparse engine: dilation of active tiles, in tiles")
-    q.add_argument("--norm-stats", choices=("current", "frozen"), default=None,
+    q.add_argument("--norm-stats", choices=NORM_STATS, default=None,
                    help="sparse engine: group-norm statistics of sparse steps")
+    q.add_argument("--probes", type=int, default=None,
+                   help="sparse engine: probe blocks per side for the 'probed' norm statistics (default 3)")
     q.add_argument("--refresh-every", type=int, default=None, help="sparse engine: a dense step every k steps")
     q.add_argument("--dense-threshold", type=float, default=None,
                    help="sparse engine: run a level dense from this active fraction on (default: measured "
@@ -372,7 +376,8 @@ def add_engine_arguments(q, *, with_engine: bool = True) -> None:
 def engine_options_from_args(args) -> dict:
     opts = {}
     for flag, name in (("sparse_tile", "tile"), ("min_tile", "min_tile"), ("halo", "halo"),
-                       ("norm_stats", "norm_stats"), ("refresh_every", "refresh_every")):
+                       ("norm_stats", "norm_stats"), ("probes", "probes"),
+                       ("refresh_every", "refresh_every")):
         v = getattr(args, flag, None)
         if v is not None:
             opts[name] = v

@@ -99,7 +99,7 @@ def _register_python_side() -> None:
             return None
 
         @torch.library.register_fake("yoda_sparse::ext_group_stats")
-        def _group_stats_fake(x, x2, groups, eps):
+        def _group_stats_fake(x, x2, groups, eps, weight=None):
             acc = _acc_dtype(x.dtype)
             return x.new_empty((x.shape[0], groups), dtype=acc), x.new_empty((x.shape[0], groups), dtype=acc)
 

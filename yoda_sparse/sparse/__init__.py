@@ -6,7 +6,7 @@ reusing cached activations elsewhere; :class:`CostModel` decides per level wheth
 cheaper, measured on the device at first use. Modules, one idea each:
 
 * ``plan``: per-level tile maps and execution plans from a step mask;
-* ``norm``: group-norm statistics for sparse steps ("current" or "frozen");
+* ``norm``: group-norm statistics for sparse steps ("auto", "probed", "current" or "frozen");
 * ``layers``: convolution, residual block and attention, dense or sparse;
 * ``programs``: SR3's and SRDiff's forward passes over those layers;
 * ``cost``: the dense-fallback cost model;

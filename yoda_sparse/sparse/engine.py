@@ -19,8 +19,11 @@ tied to one input: a new ``x_up``/``cond`` tensor or shape starts a fresh cache,
 What is approximate, and measured (benchmarks/RESULTS.md): outside the active tiles the
 cached features come from the last step that computed them, while the state there (the LR
 branch) draws new noise every step; active tiles near the boundary see that stale context
-through their convolutions' halos, the group-norm statistics (``norm_stats``) and the
-attention keys/values.
+through their convolutions' halos and the attention keys/values, and group-norm statistics
+over the whole map would see it too. The statistics are what drift (with exact ones the
+drift all but vanishes), so by default they come from fresh tiles only: the active ones and a
+lattice of probe tiles in the inactive area that sparse steps compute as well (``norm_stats``,
+``probes``; yoda_sparse.sparse.norm).
 """
 from __future__ import annotations
 
@@ -32,13 +35,20 @@ from torch import nn
 from .cost import CostModel
 from .layers import StepContext, UnsupportedLayerError, activation_name
 from .norm import NORM_STATS
-from .plan import LevelPlan, level_tile_maps, level_tile_sizes, sparse_work
+from .plan import LevelPlan, level_probes, level_tile_maps, level_tile_sizes, sparse_work, with_probes
 from .programs import level_sizes, sr3_step, srdiff_step, unet_of
 from ..models.layers import ResBlock, SelfAttention
 from ..models.sr3 import SR3UNet
 from ..ops import tile_list
 
-__all__ = ["SparseUNet"]
+__all__ = ["SparseUNet", "AUTO_PROBE_STALENESS"]
+
+#: "auto" group-norm statistics switch from the current map's to probed ones once the noise
+#: level sqrt(gamma) has moved this far since the cache was computed: with a refresh every 8
+#: of 100 steps (moves up to ~0.08) the current map's statistics stayed closer to the dense
+#: step's (PSNR(sparse, dense) 57 dB against 52 dB), at 20 steps (moves up to ~0.36) the
+#: probed ones did by far (51 dB against 38 dB) (benchmarks/RESULTS.md)
+AUTO_PROBE_STALENESS = 0.08
 
 
 def check_supported(unet: nn.Module) -> None:
@@ -79,11 +89,17 @@ class SparseUNet:
             cheaper than with 2-pixel tiles, benchmarks/RESULTS.md), else 2.
         halo: dilation of the active tiles, in tiles: one int for every level, or a sequence of
             one per level (the last repeats for deeper levels).
-        norm_stats: "current" (group-norm statistics over the current map every step) or
-            "frozen" (those of the last dense step); see yoda_sparse.sparse.norm.
-        refresh_every: run a whole dense step every k steps (0: never after the first). The
-            default 8 keeps the bundled SR3 checkpoint within 0.03 dB of dense-engine YODA at
-            100 steps, where without refreshes it drifted by 0.5 dB (benchmarks/RESULTS.md).
+        norm_stats: "probed" (over the fresh tiles: the active ones, and probe tiles standing
+            for the inactive area), "current" (over the current map, fresh and cached tiles),
+            "auto" ("current" until SR3's noise level has moved by more than
+            ``AUTO_PROBE_STALENESS`` since the cache was computed, "probed" after) or "frozen"
+            (those of the last dense step); see yoda_sparse.sparse.norm.
+        probes: with "probed", probe tiles per side: a lattice of ``probes`` x ``probes`` tiles
+            evenly spaced from corner to corner, each computed with a ring of one tile of
+            context around it. Models without GroupNorm (SRDiff's) compute no probes.
+        refresh_every: run a whole dense step every k steps (0: never after the first). With
+            the default 8 and "auto" statistics the bundled SR3 checkpoint stays within 0.04 dB
+            of dense-engine YODA at 20 steps (0.13 dB without refreshes; benchmarks/RESULTS.md).
         cost_model: a :class:`CostModel` (default: measured on this device, cached on disk),
             or a float: one fixed dense threshold for every level (2.0: never dense; 0.0:
             always dense).
@@ -91,8 +107,8 @@ class SparseUNet:
     """
 
     def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int | None = None, halo: int = 0,
-                 norm_stats: str = "current", refresh_every: int = 8, cost_model: CostModel | float | None = None,
-                 backend: str | None = None):
+                 norm_stats: str = "auto", probes: int = 3, refresh_every: int = 8,
+                 cost_model: CostModel | float | None = None, backend: str | None = None):
         self.model = model
         self.unet = unet_of(model)
         self.family = "sr3" if isinstance(self.unet, SR3UNet) else "srdiff"
@@ -111,6 +127,8 @@ class SparseUNet:
         if norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {norm_stats!r}")
         self.norm_stats = norm_stats
+        self.probes = _positive_int("probes", probes, 2)
+        self._has_norms = any(isinstance(m, nn.GroupNorm) for m in self.unet.modules())
         self.refresh_every = _positive_int("refresh_every", refresh_every, 0)
         if cost_model is None:
             cost_model = CostModel()
@@ -122,6 +140,8 @@ class SparseUNet:
         self.backend = backend
         self.maps: dict[str, torch.Tensor] = {}
         self.frozen_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._probe_key = None
+        self._level_probes = None
         self.history: list[dict] = []
         self._weights: dict[int, tuple[int, int, torch.Tensor]] = {}
         self._gflops: dict[tuple, float] = {}
@@ -136,6 +156,7 @@ class SparseUNet:
         self.peak_cache_bytes = 0
         self._input_key = None
         self._filled = False
+        self._filled_level = None  # SR3's noise level when the cache was last computed whole
         self._step = 0
         self._cond_hr = None
 
@@ -194,7 +215,9 @@ class SparseUNet:
             self._filled = False
             record.update(fractions=[1.0] * len(sizes), dense=[True] * len(sizes), model=True)
         else:
-            plans = self._plans(mask, sizes, z)
+            plans = self._plans(mask, sizes, z, noise_level)
+            if all(p.dense for p in plans) and noise_level is not None:
+                self._filled_level = noise_level.detach().double().clone()
             ctx = StepContext(self, plans)
             zc = z.contiguous(memory_format=torch.channels_last)
             if self.family == "sr3":
@@ -219,7 +242,18 @@ class SparseUNet:
             return self.unet(torch.cat([x_up, z], dim=1), noise_level)
         return self.unet(z, t, cond)
 
-    def _plans(self, mask: torch.Tensor, sizes, z) -> list[LevelPlan]:
+    def _probing(self, full: bool, noise_level: torch.Tensor | None) -> bool:
+        """Whether this step computes probe tiles for its group-norm statistics: "probed"
+        always; "auto" once the noise level sqrt(gamma) has moved by more than
+        ``AUTO_PROBE_STALENESS`` since the cache was computed (before, the cached area's own
+        statistics are closer to the dense step's than the probes' estimate)."""
+        if full or not self._has_norms or self.norm_stats not in ("auto", "probed"):
+            return False
+        if self.norm_stats == "probed" or noise_level is None or self._filled_level is None:
+            return True
+        return float((noise_level.double() - self._filled_level).abs().max()) > AUTO_PROBE_STALENESS
+
+    def _plans(self, mask: torch.Tensor, sizes, z, noise_level: torch.Tensor | None = None) -> list[LevelPlan]:
         min_tile = self.min_tile_for(z.device)
         maps = level_tile_maps(mask, len(sizes), self.tile, min_tile, self.halo)
         tiles = level_tile_sizes(len(sizes), self.tile, min_tile)
@@ -229,8 +263,17 @@ class SparseUNet:
         # over all tiles (2.09-2.10 s against 2.33-2.59 s for SR3 at 256x256 here)
         refresh = self._filled and bool(self.refresh_every) and self._step % self.refresh_every == 0
         channels = self._level_channels()
+        probes = None
+        if self._probing(fill or refresh, noise_level):
+            key = (tuple(mask.shape[-2:]), mask.device, min_tile)
+            if self._probe_key != key:
+                self._level_probes = level_probes(tuple(mask.shape[-2:]), self.probes, len(sizes), self.tile, min_tile,
+                                                  mask.device)
+                self._probe_key = key
+            probes = self._level_probes
         plans = []
-        for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
+        for lvl, (active, size, t) in enumerate(zip(maps, sizes, tiles)):
+            tm = active if probes is None else with_probes(active, probes[lvl])
             frac = float(tm.float().mean())
             work = sparse_work(tm, t, size[1])
             if fill or refresh:
@@ -239,6 +282,8 @@ class SparseUNet:
                 thr = self.cost_model.threshold(z.device, z.dtype, z.shape[0], channels[lvl], size, t, self.backend)
                 dense = work >= thr
             plan = LevelPlan(lvl, size, t, tm, frac, dense, work, refresh=refresh)
+            if probes is not None:
+                plan.probes, plan.active_map = probes[lvl], active
             if not dense:
                 plan.tiles, plan.count = tile_list(tm)
             plans.append(plan)

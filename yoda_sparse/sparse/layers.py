@@ -53,12 +53,13 @@ class StepContext:
         self.maps = engine.maps
 
     # ------------------------------------------------------------------ norm statistics
-    def _stats(self, name: str, norm: nn.GroupNorm, x, x2, dense: bool) -> ops.NormParams:
+    def _stats(self, name: str, norm: nn.GroupNorm, x, x2, dense: bool, plan: LevelPlan | None = None) -> ops.NormParams:
         eng = self.engine
         if eng.norm_stats == "frozen" and not dense and name in eng.frozen_stats:
             mean, rstd = eng.frozen_stats[name]
         else:
-            mean, rstd = group_stats(x, x2, norm.num_groups, norm.eps)
+            weight = plan.stat_weights() if not dense and plan is not None else None
+            mean, rstd = group_stats(x, x2, norm.num_groups, norm.eps, weight)
             if eng.norm_stats == "frozen" and dense:
                 eng.frozen_stats[name] = (mean, rstd)
         return norm_params(norm, mean, rstd, x.dtype)
@@ -100,7 +101,7 @@ class StepContext:
             self.maps[name] = y
             return y
         out = self.maps[name]
-        params = self._stats(name, norm, x, x2, dense=False) if norm is not None else None
+        params = self._stats(name, norm, x, x2, dense=False, plan=plan) if norm is not None else None
         ops.sparse_conv2d(
             x, weight, conv.bias, plan.tiles, out, count=plan.count, tile=plan.tile, stride=conv.stride[0],
             padding=conv.padding[0], padding_mode="zeros" if transposed else conv.padding_mode, upsample=upsample,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LevelPlan", "level_tile_sizes", "level_tile_maps", "sparse_work"]
+__all__ = ["LevelPlan", "level_tile_sizes", "level_tile_maps", "level_probes", "probe_centres",
+           "sparse_work", "with_probes"]
 
 
 @dataclass
@@ -28,6 +29,9 @@ class LevelPlan:
     work: the share of a dense convolution's output columns a sparse one computes, counting
     the two halo columns every run of adjacent tiles adds (:func:`sparse_work`);
     refresh: every tile is recomputed (a refresh step), whatever the mask.
+    probes / active_map: when the step probes its group-norm statistics, the level's probe
+        tiles (bool [nH, nW]) and the tiles of the step's mask (bool [B, nH, nW]); ``tile_map``
+        adds the probes outside ``active_map`` and their context rings to it.
     """
 
     level: int
@@ -40,7 +44,10 @@ class LevelPlan:
     refresh: bool = False
     tiles: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    probes: torch.Tensor | None = None
+    active_map: torch.Tensor | None = None
     _pixels: torch.Tensor | None = None
+    _weights: torch.Tensor | None = None
 
     def pixel_mask(self) -> torch.Tensor:
         """Bool [B, H_L * W_L]: the level pixels inside active tiles (for attention queries)."""
@@ -49,6 +56,40 @@ class LevelPlan:
             m = self.tile_map.repeat_interleave(self.tile, 1).repeat_interleave(self.tile, 2)[:, :h, :w]
             self._pixels = m.reshape(m.shape[0], -1)
         return self._pixels
+
+    def stat_weights(self) -> torch.Tensor | None:
+        """Float32 [B, H_L, W_L] pixel weights of the probed group-norm statistics (each image's
+        summing to 1). An active pixel weighs 1 / N, its share of the map. The inactive area is
+        split into two strata, the border tiles (their features see the zero padding) and the
+        interior; the probe tiles outside the active ones in each stratum stand for that
+        stratum's inactive pixels: each probe pixel weighs n_inactive / (N n_probe) of its
+        stratum (a stratum without probes is counted with the other's). An image without such
+        probes weighs every pixel 1 / N (the current map's statistics). None without probes."""
+        if self.probes is None or self.active_map is None:
+            return None
+        if self._weights is None:
+            h, w = self.size
+            n = float(h * w)
+
+            def pixels(tm):
+                return tm.repeat_interleave(self.tile, -2).repeat_interleave(self.tile, -1)[..., :h, :w].to(torch.float32)
+
+            border = torch.ones_like(self.probes)
+            border[1:-1, 1:-1] = False
+            act = pixels(self.active_map)
+            probe = pixels(self.probes & ~self.active_map)
+            weights = act / n
+            strata = [pixels(border)[None], pixels(~border)[None]]
+            n_probe = [(probe * st).sum((1, 2), keepdim=True) for st in strata]
+            n_inactive = [((1 - act) * st).sum((1, 2), keepdim=True) for st in strata]
+            for k in range(2):
+                # a stratum without probes lends its inactive pixels to the other one
+                own = n_probe[k] > 0
+                share = torch.where(own, n_inactive[k], 0) + torch.where(n_probe[1 - k] > 0, 0, n_inactive[1 - k])
+                weights = weights + probe * strata[k] * share / (n * n_probe[k].clamp_min(1))
+            any_probe = (n_probe[0] + n_probe[1]) > 0
+            self._weights = torch.where(any_probe, weights, torch.full_like(weights, 1 / n))
+        return self._weights
 
 
 def level_tile_sizes(levels: int, tile: int, min_tile: int) -> list[int]:
@@ -75,6 +116,38 @@ def level_tile_maps(mask: torch.Tensor, levels: int, tile: int, min_tile: int, h
             tm = F.max_pool2d(tm, kernel_size=2 * h + 1, stride=1, padding=h)
         maps.append(tm[:, 0] > 0)
     return maps
+
+
+def probe_centres(size: tuple[int, int], per_side: int, tile: int, device=None) -> torch.Tensor:
+    """Bool [1, 1, H, W]: the probe tiles' centres, ``per_side`` x ``per_side`` pixels evenly
+    spaced from the centre of the first tile to that of the last in both directions, so that
+    the map's border (where zero padding makes features differ from the interior) is sampled on
+    all four sides as well as the interior (interior-only lattices drifted 4-8x more)."""
+    H, W = size
+    probe = torch.zeros(1, 1, H, W, dtype=torch.bool, device=device)
+
+    def coords(n: int) -> torch.Tensor:
+        half = min(tile, n) // 2
+        return torch.linspace(half, n - 1 - half, per_side, device=device).round().long()
+
+    probe[..., coords(H)[:, None], coords(W)[None, :]] = True
+    return probe
+
+
+def level_probes(size: tuple[int, int], per_side: int, levels: int, tile: int, min_tile: int,
+                 device=None) -> list[torch.Tensor]:
+    """Every level's probe tiles, bool [nH, nW], for a full-resolution ``size``."""
+    centres = probe_centres(size, per_side, tile, device)
+    return [tm[0] for tm in level_tile_maps(centres, levels, tile, min_tile, 0)]
+
+
+def with_probes(active: torch.Tensor, probes: torch.Tensor, context: int = 1) -> torch.Tensor:
+    """The tiles a sparse step computes: ``active`` [B, nH, nW] plus the probe tiles [nH, nW]
+    outside it, each dilated by ``context`` tiles so that its convolutions read fresh values
+    around it (probes without that ring drifted 3x more)."""
+    outside = probes & ~active
+    ring = F.max_pool2d(outside[:, None].to(torch.float32), 2 * context + 1, 1, context)[:, 0] > 0
+    return active | ring
 
 
 def sparse_work(tile_map: torch.Tensor, tile: int, width: int, halo_columns: int = 2) -> float:
