@@ -94,9 +94,10 @@ class SparseUNet:
             "auto" ("current" until SR3's noise level has moved by more than
             ``AUTO_PROBE_STALENESS`` since the cache was computed, "probed" after) or "frozen"
             (those of the last dense step); see yoda_sparse.sparse.norm.
-        probes: when statistics are probed ("probed", or "auto" once it probes), probe tiles per side: a lattice of ``probes`` x ``probes`` tiles
-            evenly spaced from corner to corner, each computed with a ring of one tile of
-            context around it. Models without GroupNorm (SRDiff's) compute no probes.
+        probes: probe tiles per side when statistics are probed ("probed", or "auto" once it
+            probes): a lattice of ``probes`` x ``probes`` tiles evenly spaced from corner to
+            corner, each computed with a ring of one tile of context around it. Models without
+            GroupNorm (SRDiff's) compute no probes.
         refresh_every: run a whole dense step every k steps (0: never after the first). With
             the default 8 and "auto" statistics the bundled SR3 checkpoint stays within 0.04 dB
             of dense-engine YODA at 20 steps (0.13 dB without refreshes; benchmarks/RESULTS.md).
