@@ -67,7 +67,8 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
       "Tensor? norm_mean, Tensor? norm_rstd, Tensor? norm_weight, Tensor? norm_bias, int act, int out_act, "
       "Tensor? add, Tensor? residual, bool accumulate) -> ()");
   // Group-norm statistics of cat(x, x2) along channels: (mean, 1/sqrt(var + eps)) per
-  // (image, group), float32 (float64 for float64 maps); the sparse engine's "current" norms.
+  // (image, group), float32 (float64 for float64 maps); with per-pixel weights, weighted
+  // moments. The sparse engine's "current" and "probed" norms.
   m.def("ext_group_stats(Tensor x, Tensor? x2, int groups, float eps, Tensor? weight=None) -> (Tensor, Tensor)");
 }
 

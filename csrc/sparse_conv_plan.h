@@ -304,9 +304,8 @@ inline std::vector<Segment> make_pixels(const std::vector<Segment>& segs, const 
         pc.x0 = sg.x0 + c;
         pc.w = 1;
         pc.vy0 = pc.r0 * g.s - g.p;
-        pc.vx0 = pc.x0 * g.s - g.p;
+        window(pc.x0, 1, g, &pc.vx0, &pc.in_w);
         pc.in_col = 0;
-        pc.in_w = g.k;
         pc.out_col = 0;
         pix.push_back(pc);
       }

@@ -366,7 +366,7 @@ def add_engine_arguments(q, *, with_engine: bool = True) -> None:
     q.add_argument("--norm-stats", choices=NORM_STATS, default=None,
                    help="sparse engine: group-norm statistics of sparse steps")
     q.add_argument("--probes", type=int, default=None,
-                   help="sparse engine: probe blocks per side for the 'probed' norm statistics (default 3)")
+                   help="sparse engine: probe tiles per side when norm statistics are probed (default 3)")
     q.add_argument("--refresh-every", type=int, default=None, help="sparse engine: a dense step every k steps")
     q.add_argument("--dense-threshold", type=float, default=None,
                    help="sparse engine: run a level dense from this active fraction on (default: measured "
