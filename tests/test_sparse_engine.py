@@ -139,6 +139,47 @@ def test_frozen_norm_stats_and_refresh_run(name):
     assert eng.summary()["steps"] == 3 and eng.cache_bytes > 0
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_summary_work_ratio_counts_full_steps_whole_and_sparse_levels_by_tile_fraction(name):
+    model, z, kw, dense = setup(name, dtype=torch.float32)
+    eng = SparseUNet(model, refresh_every=3, cost_model=2.0)
+    shares = eng.level_flop_shares()
+    assert len(shares) == len(model.unet.down_blocks if hasattr(model, "unet") else model.down_blocks)
+    assert all(s > 0 for s in shares) and abs(sum(shares) - 1) < 1e-9
+    mask = blob_mask(z.shape[0])
+    ones = torch.ones_like(mask)
+    for m in (mask, mask, mask, mask, ones):  # fill, sparse, sparse, refresh, all ones
+        eng(z, m, **kw)
+    summ = eng.summary()
+    work = summ["step_work"]
+    assert [w == pytest.approx(1.0) for w in work] == [True, False, False, True, True]
+    h = eng.history[1]
+    assert work[1] == pytest.approx(sum(s * f for s, f in zip(shares, h["fractions"])))
+    assert 0 < work[1] < 1
+    assert summ["work_ratio"] == pytest.approx(sum(work) / 5)
+    # the FLOP count behind the shares also gives the dense GFLOP, proportional to the area
+    assert eng.dense_gflops(2, 64, 64) == pytest.approx(8 * eng.dense_gflops(1, 32, 32))
+
+
+def test_a_refresh_drops_the_old_maps_before_recomputing_them():
+    model, z, kw, dense = setup("sr3_tiny", dtype=torch.float32)
+    eng = SparseUNet(model, refresh_every=2, cost_model=2.0)
+    mask = blob_mask(z.shape[0])
+    eng(z, mask, **kw)
+    eng(z, mask, **kw)
+    before = set(eng.maps)
+    seen = []
+
+    class Maps(dict):
+        def clear(self):
+            seen.append(len(self))
+            super().clear()
+
+    eng.maps = Maps(eng.maps)
+    eng(z, mask, **kw)  # the refresh: every map dropped first, then each computed anew
+    assert eng.history[-1]["refresh"] and seen == [len(before)] and set(eng.maps) == before
+
+
 def test_min_tile_default_per_family_and_device():
     sr3, _, _, _ = setup("sr3_tiny", dtype=torch.float32)
     srdiff, _, _, _ = setup("srdiff_tiny", dtype=torch.float32)

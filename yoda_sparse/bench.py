@@ -4,8 +4,10 @@ For a model (a named config with random weights, or a checkpoint), an image size
 mask sources, every source is sampled twice with the same seed: with the dense engine (the
 whole UNet every step) and with the sparse engine (:class:`yoda_sparse.sparse.SparseUNet`).
 Reported per source: time per run and their ratio, the update ratio u (the ideal time
-ratio), the active tile fraction of every level, peak memory, and PSNR(sparse, dense): how far
-the sparse run drifts from the dense one. Writes a markdown table, a JSON file and two plots:
+ratio), the work ratio (the time ratio ideal kernels would reach with the run's tiles and
+its full steps: fill, refreshes, all-ones steps; ``SparseUNet.summary``) and time / work (how
+far the kernels are from that), the active tile fraction of every level, peak memory, and
+PSNR(sparse, dense): how far the sparse run drifts from the dense one. Writes a markdown table, a JSON file and two plots:
 time ratio against u with the ideal line, and per-step time against the step's active
 fraction.
 
@@ -212,6 +214,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     run["level_fraction"] = summ.get("level_fraction")
                     run["level_dense_share"] = summ.get("level_dense_share")
                     run["cache_bytes"] = summ.get("cache_bytes")
+                    run["work_ratio"] = summ.get("work_ratio")
                 run["update_ratio"] = float(res.update_ratio.mean())
         for engine in ("dense", "sparse"):
             run[engine] = {"seconds": statistics.median(times[engine]), "runs": times[engine],
@@ -223,6 +226,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         fr = run.get("level_fraction") or []
         log(f"[bench] {source:16s} u={run['update_ratio']:.3f}  dense {run['dense']['seconds']:7.2f} s  "
             f"sparse {run['sparse']['seconds']:7.2f} s  ratio {run['time_ratio']:.3f}  "
+            f"work ratio {run.get('work_ratio') or float('nan'):.3f}  "
             f"tiles per level {[round(f, 2) for f in fr]}  PSNR(sparse, dense) {run['psnr_sparse_vs_dense']:.2f} dB")
     dense_mean = statistics.mean(t for _, t in per_step["dense"]) if per_step["dense"] else float("nan")
     results["per_step"] = {"dense_mean_s": dense_mean,
@@ -293,12 +297,15 @@ def format_table(results: dict) -> str:
     lines = [f"{results['model']}, {results['size']}x{results['size']}, batch {results['batch']}, "
              f"{results['steps']} steps, {results['device']}, {results['dtype']}, torch {results['torch']}, "
              f"engine options {results['engine_options'] or 'default'}", "",
-             "| mask | u | dense s | sparse s | time ratio | tiles per level | peak MB dense / sparse | cache MB | PSNR(sparse, dense) dB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| mask | u | dense s | sparse s | time ratio | work ratio | time / work | tiles per level | "
+             "peak MB dense / sparse | cache MB | PSNR(sparse, dense) dB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         fr = "/".join(f"{f:.2f}" for f in (r.get("level_fraction") or []))
+        work = r.get("work_ratio")
+        work_cols = f"{work:.3f} | {r['time_ratio'] / work:.2f}" if work else "- | -"
         lines.append(f"| {r['source']} | {r['update_ratio']:.3f} | {r['dense']['seconds']:.2f} | {r['sparse']['seconds']:.2f} | "
-                     f"{r['time_ratio']:.3f} | {fr} | {r['dense']['peak_bytes'] / 2**20:.0f} / "
+                     f"{r['time_ratio']:.3f} | {work_cols} | {fr} | {r['dense']['peak_bytes'] / 2**20:.0f} / "
                      f"{r['sparse']['peak_bytes'] / 2**20:.0f} | {(r.get('cache_bytes') or 0) / 2**20:.0f} | "
                      f"{r['psnr_sparse_vs_dense']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -320,9 +327,12 @@ def write_outputs(results: dict, out: Path) -> None:
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    for r in results["runs"]:
-        ax.plot(r["update_ratio"], r["time_ratio"], "o")
+    for i, r in enumerate(results["runs"]):
+        ax.plot(r["update_ratio"], r["time_ratio"], "o", color=f"C{i}")
         ax.annotate(r["source"], (r["update_ratio"], r["time_ratio"]), fontsize=7)
+        if r.get("work_ratio"):  # what an ideal kernel would reach with these tiles and steps
+            ax.plot(r["update_ratio"], r["work_ratio"], "x", color=f"C{i}",
+                    label="work ratio (x): ideal kernels, these tiles" if i == 0 else None)
     ax.plot([0, 1], [0, 1], "k:", label="ideal (time ratio = u)")
     ax.set_xlabel("update ratio u")
     ax.set_ylabel("time sparse / time dense")

@@ -145,7 +145,7 @@ class SparseUNet:
         self._level_probes = None
         self.history: list[dict] = []
         self._weights: dict[int, tuple[int, int, torch.Tensor]] = {}
-        self._gflops: dict[tuple, float] = {}
+        self._conv_counts: tuple[float, list[float]] | None = None
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -217,8 +217,13 @@ class SparseUNet:
             record.update(fractions=[1.0] * len(sizes), dense=[True] * len(sizes), model=True)
         else:
             plans = self._plans(mask, sizes, z, noise_level)
-            if all(p.dense for p in plans) and noise_level is not None:
-                self._filled_level = noise_level.detach().double().clone()
+            if all(p.dense for p in plans):
+                # every map is recomputed whole and none is read: drop the old ones first, so
+                # malloc hands their memory to the new ones (holding both, a refresh ran
+                # 0.2-0.5 s slower than the fill, 2.9 s here: new pages faulted in per map)
+                self.maps.clear()
+                if noise_level is not None:
+                    self._filled_level = noise_level.detach().double().clone()
             ctx = StepContext(self, plans)
             zc = z.contiguous(memory_format=torch.channels_last)
             if self.family == "sr3":
@@ -259,9 +264,9 @@ class SparseUNet:
         maps = level_tile_maps(mask, len(sizes), self.tile, min_tile, self.halo)
         tiles = level_tile_sizes(len(sizes), self.tile, min_tile)
         fill = not self._filled
-        # a refresh runs every level dense, replacing the cached maps: each freed map is reused
-        # by malloc for the next layer's, and oneDNN's dense convolution beats the sparse kernel
-        # over all tiles (2.09-2.10 s against 2.33-2.59 s for SR3 at 256x256 here)
+        # a refresh runs every level dense, replacing the cached maps: oneDNN's dense
+        # convolution beats the sparse kernel over all tiles (2.09-2.10 s against 2.33-2.59 s
+        # for SR3 at 256x256 here)
         refresh = self._filled and bool(self.refresh_every) and self._step % self.refresh_every == 0
         channels = self._level_channels()
         probes = None
@@ -322,41 +327,78 @@ class SparseUNet:
             if cond.shape[0] != B:
                 raise ValueError(f"cond: expected batch {B}, got {tuple(cond.shape)}")
 
-    def dense_gflops(self, batch: int, height: int, width: int) -> float:
-        """Estimated GFLOP of one dense UNet evaluation at this size: counted by
-        ``torch.utils.flop_counter`` on a forward at the UNet's smallest size, scaled by area."""
+    def _count_convs(self) -> tuple[float, list[float]]:
+        """(dense GFLOP, each level's share of the convolutions' FLOPs) of one UNet forward at
+        its smallest size, batch 1: convolution FLOPs are counted per output resolution with
+        hooks (attention, 3% of SR3's dense step on the CPU, is left out of the shares)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        key = (batch, height, width)
-        if key not in self._gflops:
+        if self._conv_counts is None:
             m = self.unet.size_multiple
             if self.family == "srdiff":  # a size the LR condition divides, 2+ pixels deep (reflect pads)
                 m = 2 * m * self.unet.scale // math.gcd(m, self.unet.scale)
             p = next(self.unet.parameters())
             z = torch.zeros(1, 3, m, m, device=p.device, dtype=p.dtype)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                if self.family == "sr3":
-                    self.unet(torch.cat([z, z], 1), torch.full((1,), 0.5, device=p.device, dtype=p.dtype))
+            levels = len(self.unet.down_blocks)
+            per_level = [0.0] * levels
+
+            def hook(mod, inputs, out):
+                level = min(levels - 1, max(0, round(math.log2(m / out.shape[-1]))))
+                if isinstance(mod, nn.ConvTranspose2d):  # every input pixel meets the whole kernel
+                    flops = inputs[0].numel() * mod.out_channels * mod.weight[0, 0].numel()
                 else:
-                    c = m // self.unet.scale
-                    cond = torch.zeros(1, self.unet.cond_proj.in_channels, c, c, device=p.device, dtype=p.dtype)
-                    self.unet(z, torch.ones(1, dtype=torch.long, device=p.device), cond)
-            self._gflops[key] = counter.get_total_flops() * batch * (height * width) / (m * m) / 1e9
-        return self._gflops[key]
+                    flops = out.numel() * mod.weight[0].numel()
+                per_level[level] += 2.0 * flops
+
+            handles = [mod.register_forward_hook(hook) for mod in self.unet.modules()
+                       if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and mod is not getattr(self.unet, "cond_proj", None)]
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    if self.family == "sr3":
+                        self.unet(torch.cat([z, z], 1), torch.full((1,), 0.5, device=p.device, dtype=p.dtype))
+                    else:
+                        c = m // self.unet.scale
+                        cond = torch.zeros(1, self.unet.cond_proj.in_channels, c, c, device=p.device, dtype=p.dtype)
+                        self.unet(z, torch.ones(1, dtype=torch.long, device=p.device), cond)
+            finally:
+                for h in handles:
+                    h.remove()
+            total = sum(per_level) or 1.0
+            self._conv_counts = (counter.get_total_flops() / (m * m) / 1e9, [f / total for f in per_level])
+        return self._conv_counts
+
+    def dense_gflops(self, batch: int, height: int, width: int) -> float:
+        """Estimated GFLOP of one dense UNet evaluation at this size: counted by
+        ``torch.utils.flop_counter`` on a forward at the UNet's smallest size, scaled by area."""
+        return self._count_convs()[0] * batch * height * width
+
+    def level_flop_shares(self) -> list[float]:
+        """Each resolution level's share of the UNet's convolution FLOPs (they scale alike with
+        the image's area, so one count serves every size)."""
+        return list(self._count_convs()[1])
 
     # ------------------------------------------------------------------ summaries
     def summary(self) -> dict:
-        """Mean active fraction per level, the share of steps each level ran dense, and the
-        largest size the activation cache reached (bytes)."""
+        """Mean active fraction per level, the share of steps each level ran dense, the
+        largest size the activation cache reached (bytes), and the run's *work ratio*: the
+        time ratio an ideal sparse kernel would reach with this run's tiles and schedule (each
+        step's convolution FLOPs over a dense step's: a level run dense, and every level of a
+        fill, refresh or all-ones step, counts whole; a sparse level its tile fraction, probes
+        included; levels weighed by :meth:`level_flop_shares`)."""
         steps = [h for h in self.history if h["fractions"] is not None]
         if not steps:
             return {"steps": 0}
         levels = len(steps[0]["fractions"])
+        shares = self.level_flop_shares()
+        work = [sum(s * (1.0 if d else f) for s, d, f in zip(shares, h["dense"], h["fractions"])) for h in steps]
         return {
             "steps": len(steps),
             "model_steps": sum(h["model"] for h in steps),
             "level_fraction": [sum(h["fractions"][lv] for h in steps) / len(steps) for lv in range(levels)],
             "level_dense_share": [sum(h["dense"][lv] for h in steps) / len(steps) for lv in range(levels)],
+            "level_flop_share": shares,
+            "step_work": work,
+            "work_ratio": sum(work) / len(work),
             "cache_bytes": self.peak_cache_bytes,
         }
 
