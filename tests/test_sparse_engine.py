@@ -219,6 +219,73 @@ def test_sample_with_the_sparse_engine():
     assert small.extras["engine"] == "dense"
 
 
+def test_predicted_time_ratio_counts_full_steps_and_sparse_work(monkeypatch):
+    from yoda_sparse.masking import MaskSchedule
+    from yoda_sparse.sparse.plan import level_tile_maps, level_tile_sizes, sparse_work
+
+    torch.manual_seed(0)
+    model = build_model("sr3_tiny").eval()
+    attn = torch.zeros(2, 1, H, W)
+    attn[0, :, 4:20, 6:18] = 1.0
+    attn[1, :, 10:30, 2:12] = 0.7
+    masks = MaskSchedule(attn, 100, 0.2, timesteps=torch.arange(100, 0, -10))
+    eng = SparseUNet(model, tile=4, refresh_every=4, cost_model=2.0)  # never dense: ratio = work
+    shares = eng.level_flop_shares()
+    min_tile = eng.min_tile_for(torch.device("cpu"))
+    tiles = level_tile_sizes(3, 4, min_tile)
+    expected, filled = [], False
+    for i in range(len(masks)):
+        m = masks.mask(i)
+        if bool(m.all()):
+            expected.append(1.0)
+            filled = False
+        elif not filled or i % 4 == 0:
+            expected.append(1.0)
+            filled = True
+        else:
+            maps = level_tile_maps(m, 3, 4, min_tile, 0)
+            expected.append(sum(s * sparse_work(tm, t, H >> lvl) for lvl, (s, tm, t) in enumerate(zip(shares, maps, tiles))))
+    assert 0 < min(expected) < 1 and expected.count(1.0) >= 3
+    assert eng.predicted_time_ratio(masks) == pytest.approx(sum(expected) / len(expected))
+    assert SparseUNet(model, cost_model=0.0).predicted_time_ratio(masks) == pytest.approx(1.0)  # always dense
+    # a measured cost model: each level's sparse time from its fitted line, never above dense
+    cm = CostModel(persist=False)
+    cm._table = {}
+    for key_args in [(torch.device("cpu"), torch.float32, 2, c, (H >> l, W >> l), t, None)
+                     for l, (c, t) in enumerate(zip(eng._level_channels(), tiles))]:
+        cm._table[cm.key(*key_args)] = {"dense_s": 1.0, "sparse_full_s": 1.3, "sparse_half_s": 0.7, "full_work": 1.0,
+                                        "half_work": 0.5, "threshold": (1.0 - 0.1) / 1.2}
+    assert cm.time_ratio(torch.device("cpu"), torch.float32, 2, eng._level_channels()[0], (H, W), tiles[0], None,
+                         0.25) == pytest.approx(0.1 + 1.2 * 0.25)
+    assert cm.time_ratio(torch.device("cpu"), torch.float32, 2, eng._level_channels()[0], (H, W), tiles[0], None,
+                         0.8) == 1.0
+    measured = SparseUNet(model, tile=4, refresh_every=4, cost_model=cm).predicted_time_ratio(masks)
+    assert sum(expected) / len(expected) < measured <= 1.0
+
+
+def test_auto_engine_follows_the_predicted_time_ratio(monkeypatch):
+    torch.manual_seed(0)
+    config = get_model_config("sr3_tiny")
+    diff = build_diffusion(build_model(config).eval(), config)
+    lr = torch.rand(1, 3, 8, 8)
+    attn = torch.zeros(1, 1, 32, 32)
+    attn[..., 8:20, 4:16] = 1.0
+    monkeypatch.setattr(type(diff), "AUTO_MIN_GFLOPS", 0.0)
+    runs = {}
+    for limit in (0.0, 1.0):
+        monkeypatch.setattr(type(diff), "AUTO_MAX_PREDICTED_RATIO", limit)
+        runs[limit] = diff.sample(lr, attn, steps=6, generator=torch.Generator().manual_seed(0), progress=False,
+                                  engine="auto", engine_options=dict(cost_model=2.0))
+    predicted = runs[0.0].extras["predicted_time_ratio"]
+    assert 0 < predicted < 1 and runs[1.0].extras["predicted_time_ratio"] == predicted
+    assert runs[0.0].extras["engine"] == "dense" and runs[1.0].extras["engine"] == "sparse"
+    # all-ones masks: nothing to save, so "auto" stays dense
+    monkeypatch.setattr(type(diff), "AUTO_MAX_PREDICTED_RATIO", 0.99)
+    ones = diff.sample(lr, torch.ones(1, 1, 32, 32), steps=3, progress=False, engine="auto",
+                       engine_options=dict(cost_model=2.0))
+    assert ones.extras["engine"] == "dense" and ones.extras["predicted_time_ratio"] == pytest.approx(1.0)
+
+
 def test_unsupported_layers_and_bad_input_name_the_argument():
     config = dataclasses.replace(get_model_config("sr3_tiny"), affine_embedding=True)
     model = build_model(config).eval()

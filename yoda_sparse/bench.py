@@ -6,10 +6,12 @@ whole UNet every step) and with the sparse engine (:class:`yoda_sparse.sparse.Sp
 Reported per source: time per run and their ratio, the update ratio u (the ideal time
 ratio), the work ratio (the time ratio ideal kernels would reach with the run's tiles and
 its full steps: fill, refreshes, all-ones steps; ``SparseUNet.summary``) and time / work (how
-far the kernels are from that), the active tile fraction of every level, peak memory, and
-PSNR(sparse, dense): how far the sparse run drifts from the dense one. Writes a markdown table, a JSON file and two plots:
-time ratio against u with the ideal line, and per-step time against the step's active
-fraction.
+far the kernels are from that), the active tile fraction of every level, peak memory over
+the run's start (on the CPU the bytes malloc has handed out), and PSNR(sparse, dense): how
+far the sparse run drifts from the dense one. Writes a markdown table, a JSON file and two
+plots: time ratio against u with the ideal line and the work ratios, and per-step time
+against the step's active fraction. Both engines run with the allocator keeping freed memory
+(:mod:`yoda_sparse.allocator`).
 
 Mask sources: ``gaussian``; ``edge`` or ``edge:IMAGE`` (edge-based attention on a bundled
 image, e.g. ``edge:astronaut``); ``disk`` or ``disk:U`` (a synthetic disk map whose update
@@ -97,11 +99,17 @@ def mask_source(source: str, size: int, batch: int, lower_bound: float, scale: i
     return hr.expand(batch, -1, -1, -1).contiguous(), attn.expand(batch, -1, -1, -1).contiguous()
 
 
-class _PeakRSS:
-    """Peak resident memory of this process during a block (CPU runs), sampled every 5 ms."""
+class _PeakMemory:
+    """Peak memory of this process during a block (CPU runs), sampled every 5 ms: the bytes
+    malloc has handed out (:func:`yoda_sparse.allocator.allocated_bytes`; resident memory
+    would not fall when the allocator keeps freed pages), resident memory where that is
+    unknown."""
 
     def __enter__(self):
-        self.base = self.peak = self._rss()
+        from .allocator import allocated_bytes
+
+        self._read = allocated_bytes if allocated_bytes() is not None else self._rss
+        self.base = self.peak = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -109,7 +117,7 @@ class _PeakRSS:
 
     def _watch(self):
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._read())
 
     @staticmethod
     def _rss() -> int:
@@ -122,7 +130,7 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._read())
 
 
 def _build(cfg: BenchConfig):
@@ -171,8 +179,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     from .imageio import bicubic_downscale
     from .metrics import psnr
 
+    from .allocator import keep_freed_memory
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # both engines with malloc keeping freed memory: by default a dense step page-faults its
+    # activations in anew every step (0.3-0.6 s of system time per SR3 step on the CPU), which
+    # the sparse engine's cache does not, and the dense baseline must be the fastest dense run
+    tuned = keep_freed_memory()
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     diff, config, label = _build(cfg)
@@ -180,7 +194,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         raise ValueError(f"size: {cfg.size} is not a multiple of the model's scale {diff.scale}")
     results = {"model": label, "family": diff.family, "size": cfg.size, "batch": cfg.batch, "steps": cfg.steps,
                "device": _device_name(device), "dtype": cfg.dtype, "torch": torch.__version__,
-               "engine_options": cfg.engine_options, "runs": []}
+               "engine_options": cfg.engine_options, "allocator": "glibc, freed memory kept" if tuned else "default",
+               "runs": []}
     log(f"[bench] {label}, {cfg.size}x{cfg.size}, batch {cfg.batch}, {cfg.steps} steps, {results['device']}, {cfg.dtype}")
     # warm-up: one-time costs (extension load, oneDNN primitives, the cost model's
     # measurement of each level) stay out of the timings
@@ -263,7 +278,7 @@ def _timed_sample(diff, lr, attn, engine: str, cfg: BenchConfig, device: torch.d
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
-        with _PeakRSS() as mem:
+        with _PeakMemory() as mem:
             t0 = time.perf_counter()
             res = diff.sample(lr, attn, steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed),
                               progress=cfg.progress, engine=engine,
@@ -296,7 +311,7 @@ def _device_name(device: torch.device) -> str:
 def format_table(results: dict) -> str:
     lines = [f"{results['model']}, {results['size']}x{results['size']}, batch {results['batch']}, "
              f"{results['steps']} steps, {results['device']}, {results['dtype']}, torch {results['torch']}, "
-             f"engine options {results['engine_options'] or 'default'}", "",
+             f"engine options {results['engine_options'] or 'default'}, allocator {results.get('allocator', 'default')}", "",
              "| mask | u | dense s | sparse s | time ratio | work ratio | time / work | tiles per level | "
              "peak MB dense / sparse | cache MB | PSNR(sparse, dense) dB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -321,7 +321,9 @@ class _DiffusionSR(abc.ABC):
         of each step's mask with cached activations elsewhere (:class:`yoda_sparse.sparse.
         SparseUNet`, options in ``engine_options``); "auto" is sparse for YODA sampling of a
         model the engine supports whose dense step is large enough for it to pay
-        (``AUTO_MIN_GFLOPS``), else dense. Each call starts a fresh engine cache.
+        (``AUTO_MIN_GFLOPS``) and for whose masks the engine's cost model, measured on this
+        device, predicts a saving (``AUTO_MAX_PREDICTED_RATIO``), else dense. Each call starts
+        a fresh engine cache.
         """
         _check_images("lr", lr)
         if seed is not None and generator is not None:
@@ -331,13 +333,14 @@ class _DiffusionSR(abc.ABC):
             raise ValueError(f"steps must be an integer in [1, {self.schedule.num_steps}] (the training steps), got {steps!r}")
         B = lr.shape[0]
         H, W = lr.shape[2] * self.scale, lr.shape[3] * self.scale
-        sparse_engine = self._sparse_engine(engine, engine_options, yoda_run=attn is not None, size=(B, H, W))
         sched = self.schedule if steps is None else self.schedule.respace(int(steps))
-        lr_m = lr * 2 - 1
-        x_up, x_bar, cond = self._prepare(lr_m)
         masks = None
         if attn is not None:
             masks = build_masks(attn, self.schedule.num_steps, self.yoda.lower_bound, sched, size=(H, W), batch=B, device=lr.device)
+        sparse_engine, predicted = self._sparse_engine(engine, engine_options, yoda_run=attn is not None,
+                                                       size=(B, H, W), masks=masks, dtype=lr.dtype)
+        lr_m = lr * 2 - 1
+        x_up, x_bar, cond = self._prepare(lr_m)
         predictor = self.noise_predictor(x_up) if sparse_engine is None else self._engine_predictor(sparse_engine, x_up)
         out = run_sampler(
             predictor, shape=(B, 3, H, W), schedule=sched, x_bar=x_bar, cond=cond, masks=masks,
@@ -346,6 +349,8 @@ class _DiffusionSR(abc.ABC):
             dtype=lr.dtype, device=lr.device,
         )
         extras = {"engine": "sparse" if sparse_engine is not None else "dense"}
+        if predicted is not None:
+            extras["predicted_time_ratio"] = predicted
         if sparse_engine is not None:
             extras["engine_summary"] = sparse_engine.summary()
         return SampleResult(self._to_image(out.sample, x_up), out.active_fraction, out.update_ratio, out.timesteps,
@@ -377,10 +382,18 @@ class _DiffusionSR(abc.ABC):
     # a 2-core CPU: the 0.26 M-parameter demo model, ~0.3 GFLOP per step at 128x128, ran slower
     # sparse; the 97.8 M-parameter SR3 at 256x256, ~400 GFLOP, ran 30-50% faster)
     AUTO_MIN_GFLOPS = 20.0
+    # ... and when the cost model predicts at most this sparse/dense time for the run's masks
+    # (SparseUNet.predicted_time_ratio). The prediction leaves probes and per-step fixed costs
+    # out: on the 2-core CPU (SR3 16->128, 256x256, 20 steps, three runs) measured ratios ran
+    # 0.09-0.19 above it (coffee's scattered edges 0.06-0.27: 0.74 predicted, 0.80-1.01
+    # measured), so from 0.85 on sparsity would not pay
+    AUTO_MAX_PREDICTED_RATIO = 0.85
 
-    def _sparse_engine(self, engine: str, options: dict | None, *, yoda_run: bool, size=None):
-        """A fresh SparseUNet for "sparse", and for "auto" on a YODA run whose dense step costs at
-        least AUTO_MIN_GFLOPS; else None."""
+    def _sparse_engine(self, engine: str, options: dict | None, *, yoda_run: bool, size=None, masks=None,
+                       dtype: torch.dtype = torch.float32):
+        """(engine, predicted time ratio): a fresh SparseUNet for "sparse", and for "auto" on a
+        YODA run whose dense step costs at least AUTO_MIN_GFLOPS and whose masks the cost model
+        predicts a saving for, else None; the prediction where "auto" made one, else None."""
         if engine not in ("dense", "sparse", "auto"):
             raise ValueError(f"engine: expected 'dense', 'sparse' or 'auto', got {engine!r}")
         if options is not None and not isinstance(options, dict):
@@ -388,18 +401,21 @@ class _DiffusionSR(abc.ABC):
         if engine == "dense" or (engine == "auto" and not yoda_run):
             if options:
                 raise ValueError("engine_options: only with engine='sparse' or 'auto'")
-            return None
+            return None, None
         from .sparse import SparseUNet, UnsupportedLayerError
 
         try:
             eng = SparseUNet(self.model, **(options or {}))
         except UnsupportedLayerError:
             if engine == "auto":
-                return None
+                return None, None
             raise
         if engine == "auto" and size is not None and eng.dense_gflops(*size) < self.AUTO_MIN_GFLOPS:
-            return None
-        return eng
+            return None, None
+        if engine == "auto" and masks is not None:
+            predicted = eng.predicted_time_ratio(masks, dtype)
+            return (None if predicted > self.AUTO_MAX_PREDICTED_RATIO else eng), predicted
+        return eng, None
 
     @abc.abstractmethod
     def _engine_inputs(self, t_train, level, x_up, cond) -> dict:

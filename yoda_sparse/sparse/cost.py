@@ -51,6 +51,12 @@ def _device_name(device: torch.device) -> str:
     return f"cpu:{torch.get_num_threads()}t"
 
 
+def _sparse_line(t_full: float, t_half: float, w_full: float, w_half: float) -> tuple[float, float]:
+    """(intercept, slope) of sparse time = a + b * work through the two measured points."""
+    slope = (t_full - t_half) / max(w_full - w_half, 1e-9)
+    return t_full - slope * w_full, slope
+
+
 class CostModel:
     """Dense-or-sparse decision per level: ``threshold(...)`` measures (once) and returns the
     active fraction from which dense is cheaper. ``fixed`` replaces measurement with one
@@ -93,6 +99,21 @@ class CostModel:
                 except OSError:
                     pass  # read-only home: keep the measurement for this process
         return float(table[k]["threshold"])
+
+    def time_ratio(self, device, dtype, batch: int, channels: int, size: tuple[int, int], tile: int,
+                   backend: str | None, work: float) -> float:
+        """The predicted time of a sparse level computing the share ``work`` of its output
+        columns (``plan.sparse_work``) over the dense level's, at most 1 (from the threshold on
+        the level runs dense). With a ``fixed`` threshold nothing is measured: ``work`` itself
+        below it (ideal kernels), 1 from it on."""
+        thr = self.threshold(device, dtype, batch, channels, size, tile, backend)
+        if work >= thr:
+            return 1.0
+        if self.fixed is not None:
+            return float(work)
+        e = self._load()[self.key(device, dtype, batch, channels, size, tile, backend)]
+        intercept, slope = _sparse_line(e["sparse_full_s"], e["sparse_half_s"], e["full_work"], e["half_work"])
+        return min(1.0, max(0.0, (intercept + slope * work) / e["dense_s"]))
 
     def measure(self, device: torch.device, dtype, batch: int, channels: int, size: tuple[int, int], tile: int,
                 backend: str | None) -> dict:
@@ -142,8 +163,7 @@ class CostModel:
                     torch.cuda.synchronize(device)
                 times[k].append(time.perf_counter() - t0)
         t = {k: statistics.median(v) for k, v in times.items()}
-        slope = (t["full"] - t["half"]) / max(f_full - f_half, 1e-9)
-        intercept = t["full"] - slope * f_full
+        intercept, slope = _sparse_line(t["full"], t["half"], f_full, f_half)
         if slope <= 0:
             threshold = 0.0 if t["full"] >= t["dense"] else 2.0
         else:
