@@ -39,19 +39,25 @@ class _Mallinfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+def _libc_function(name: str):
+    """A function of the C library, or None (not Linux, or a C library without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def allocated_bytes() -> int | None:
     """Bytes malloc has handed out and not had back (glibc's ``mallinfo2``: in-use heap blocks
     plus mmapped ones), or None where that is unknown. Unlike resident memory it falls when
     memory is freed even if the process keeps the pages (:func:`keep_freed_memory`)."""
     if not _MALLINFO2:
-        fn = None
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-                fn.restype = _Mallinfo2
-                fn.argtypes = []
-            except (OSError, AttributeError):  # glibc < 2.33, or not glibc
-                fn = None
+        fn = _libc_function("mallinfo2")  # None: glibc < 2.33, or not glibc
+        if fn is not None:
+            fn.restype = _Mallinfo2
+            fn.argtypes = []
         _MALLINFO2.append(fn)
     fn = _MALLINFO2[0]
     if fn is None:
@@ -66,17 +72,12 @@ def keep_freed_memory() -> bool:
     if _APPLIED:
         return _APPLIED[0]
     ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-            mallopt = None
-        if mallopt is not None:
-            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            mallopt.restype = ctypes.c_int
-            ok = bool(mallopt(_M_MMAP_MAX, 0))  # no mmap: every block from a heap, reused when freed
-            ok = bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and ok  # never shrink the heap
-            ok = bool(mallopt(_M_TOP_PAD, 64 << 20)) and ok  # grow it in 64 MiB steps
+    mallopt = _libc_function("mallopt")  # None: not glibc (e.g. musl has none)
+    if mallopt is not None:
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt.restype = ctypes.c_int
+        ok = bool(mallopt(_M_MMAP_MAX, 0))  # no mmap: every block from a heap, reused when freed
+        ok = bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and ok  # never shrink the heap
+        ok = bool(mallopt(_M_TOP_PAD, 64 << 20)) and ok  # grow it in 64 MiB steps
     _APPLIED.append(ok)
     return ok

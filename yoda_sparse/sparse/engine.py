@@ -267,7 +267,7 @@ class SparseUNet:
         # a refresh runs every level dense, replacing the cached maps: oneDNN's dense
         # convolution beats the sparse kernel over all tiles (2.09-2.10 s against 2.33-2.59 s
         # for SR3 at 256x256 here)
-        refresh = self._filled and bool(self.refresh_every) and self._step % self.refresh_every == 0
+        refresh = self._refreshes(self._step, self._filled)
         channels = self._level_channels()
         probes = None
         if self._probing(fill or refresh, noise_level):
@@ -295,6 +295,11 @@ class SparseUNet:
             plans.append(plan)
         return plans
 
+    def _refreshes(self, step: int, filled: bool) -> bool:
+        """Whether step ``step`` of a run (0-based) is a refresh: every ``refresh_every``-th
+        once the cache is filled."""
+        return filled and bool(self.refresh_every) and step % self.refresh_every == 0
+
     def predicted_time_ratio(self, masks, dtype: torch.dtype = torch.float32) -> float:
         """Sparse over dense sampling time that the cost model predicts for a run over
         ``masks`` (a :class:`yoda_sparse.masking.MaskSchedule`, one mask per step in sampling
@@ -318,7 +323,7 @@ class SparseUNet:
             if bool(m.all()):  # the model itself; the cache is dropped
                 total, filled = total + 1.0, False
                 continue
-            if not filled or (self.refresh_every and i % self.refresh_every == 0):
+            if not filled or self._refreshes(i, filled):
                 total, filled = total + 1.0, True
                 continue
             maps = level_tile_maps(m, len(sizes), self.tile, min_tile, self.halo)
