@@ -5,7 +5,7 @@
 // Their halo'd input windows are gathered, with the prologue applied (concat of x and x2,
 // group-norm apply, activation, nearest x2, zero/reflect padding), into one of three layouts,
 // each convolved by one oneDNN or BLAS call (at::conv2d / at::conv_transpose2d without padding,
-// at::addmm) so the GEMM stays large and efficient:
+// a 1x1 convolution) so the GEMM stays large and efficient:
 //   strip:   an image of the band's height whose columns are the segments' windows side by
 //            side; rows need a halo only above and below the band and columns share theirs
 //            within a segment, but the k - 1 output columns that straddle two windows are junk
@@ -23,6 +23,7 @@
 #include "yoda_ops.h"
 
 #include "cpu_rows.h"
+#include "gemm_cpu.h"
 #include "sparse_conv_plan.h"
 
 #include <ATen/OpMathType.h>
@@ -33,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -294,6 +296,48 @@ std::vector<at::opmath_type<scalar_t>> per_image_channel(const std::optional<at:
   return v;
 }
 
+// The pixel layout's im2col GEMM through oneDNN's BRGEMM micro-kernel, the epilogue fused into
+// each finished block (gemm_cpu.h): float32 where cpu_gemm::available(); false (nothing done)
+// otherwise, and the caller takes oneDNN's 1x1 convolution instead.
+template <typename scalar_t>
+bool pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const ConvGeometry& g, const at::Tensor& x,
+                 const std::optional<at::Tensor>& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const std::vector<at::opmath_type<scalar_t>>& scale, const std::vector<at::opmath_type<scalar_t>>& shift,
+                 int64_t act, int64_t out_act, const std::vector<at::opmath_type<scalar_t>>& addv,
+                 const std::optional<at::Tensor>& residual, bool accumulate, at::Tensor& out) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    return false;
+  } else {
+    if (!cpu_gemm::available()) return false;
+    const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0), KK = g.k * g.k, Cout = out.size(1);
+    const at::Tensor wmat = cpu_gemm::packed_weight(weight);
+    const at::Tensor b32 = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    const Strides4 so = strides_of(out);
+    // accumulate: the residual is out itself (each element read before it is written)
+    const float* rp = accumulate ? op : residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+    const Strides4 sr = accumulate ? so : residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
+    sparse_conv::for_each_batch(pixels, max_per_call, g.k, 1, [&](const std::vector<Segment>& batch) {
+      const int64_t N = static_cast<int64_t>(batch.size());
+      at::Tensor cols = at::empty({N, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      gather<float>(batch, g, x, x2, scale, shift, act, cols);
+      cpu_gemm::gemm(cols.const_data_ptr<float>(), N, KK * C, wmat.const_data_ptr<float>(), Cout, bp,
+                     [&](int64_t m0, int64_t rows, int64_t n0, int64_t n, const float* acc) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const Segment& px = batch[m0 + i];
+          const float* ap = addv.empty() ? nullptr : addv.data() + px.b * Cout + n0;
+          const float* res = rp ? rp + px.b * sr.b + px.r0 * sr.h + px.x0 * sr.w + n0 * sr.c : nullptr;
+          scatter_pixels_any<float>(out_act, ap != nullptr, res != nullptr,
+                                    op + px.b * so.b + px.r0 * so.h + px.x0 * so.w + n0 * so.c, so.w, so.c,
+                                    acc + i * n, 1, n, ap, res, sr.w, sr.c);
+        }
+      });
+    });
+    return true;
+  }
+}
+
 }  // namespace
 
 void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& weight,
@@ -356,25 +400,34 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     // reuse its memory, where one strip of a large map costs a fresh mmap, hence a page fault
     // per 4 KiB, on every call (measured: a third of the gather time at 256x256x128).
     const int64_t col_bytes = SH * C * static_cast<int64_t>(sizeof(scalar_t));
-    const sparse_conv::Layout layout = sparse_conv::choose_layout(segs, g, C);
+    const sparse_conv::Layout layout =
+        sparse_conv::choose_layout(segs, g, C, out.size(1), std::is_same_v<scalar_t, float> && cpu_gemm::available());
     if (layout == sparse_conv::Layout::kPixels) {
       // one k x k window per output pixel: the batch [N, C, k, k] (channels_last) is the
       // im2col matrix [N, k*k*C] in (row, column, channel) order, and the convolution is one
-      // GEMM with the weight read as [k*k*C, C_out] (channels_last memory, transposed view)
+      // GEMM: float32 through oneDNN's BRGEMM micro-kernel with the epilogue fused (gemm_cpu.h),
+      // else oneDNN's 1x1 convolution of the matrix viewed as a [1, k*k*C, N, 1] channels_last
+      // image (not at::addmm: MKL's sgemm ran at half oneDNN's rate on a Zen 5 CPU), N padded on
+      // the ladder (zero rows) so that a layer sees few shapes, one oneDNN primitive each.
       const int64_t KK = g.k * g.k, Cout = w.size(0);
-      const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({Cout, KK * C}).t();
       const int64_t max_per_call = sparse_conv::windows_per_call(
           KK * C * static_cast<int64_t>(sizeof(scalar_t)), weight.numel() * weight.element_size());
-      sparse_conv::for_each_batch(sparse_conv::make_pixels(segs, g), max_per_call, g.k, 1,
-                                  [&](const std::vector<Segment>& batch) {
-        const int64_t N = static_cast<int64_t>(batch.size());
+      const std::vector<Segment> pixels = sparse_conv::make_pixels(segs, g);
+      if (pixels_gemm<scalar_t>(pixels, max_per_call, g, x, x2, weight, bias, scale, shift, act, out_act, addv, residual,
+                                accumulate, out)) {
+        return;
+      }
+      const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({Cout, KK * C, 1, 1});
+      sparse_conv::for_each_batch(pixels, max_per_call, g.k, 1, [&](const std::vector<Segment>& batch) {
+        const int64_t n_here = static_cast<int64_t>(batch.size());
+        const int64_t N = std::max(n_here, sparse_conv::window_batch(n_here, max_per_call));
         at::Tensor cols = at::empty({N, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+        if (N > n_here) cols.narrow(0, n_here, N - n_here).zero_();
         gather<scalar_t>(batch, g, x, x2, scale, shift, act, cols);
-        const at::Tensor a = cols.permute({0, 2, 3, 1}).reshape({N, KK * C});
-        const at::Tensor y = bias.has_value() ? at::addmm(*bias, a, wmat) : at::mm(a, wmat);
-        // [N, C_out] is the channels_last memory of a [1, C_out, N, 1] convolution output
-        scatter<scalar_t>(batch, y.view({1, N, 1, Cout}).permute({0, 3, 1, 2}), out_act, addv, residual, accumulate,
-                          out);
+        const at::Tensor a = cols.permute({0, 2, 3, 1}).reshape({1, N, 1, KK * C}).permute({0, 3, 1, 2});
+        const at::Tensor y = at::conv2d(a, wmat, bias, one, zero, one, 1);
+        // y [1, C_out, N, 1]: its channels_last memory is [N, C_out], pixel i at "row" i
+        scatter<scalar_t>(batch, y, out_act, addv, residual, accumulate, out);
       });
       return;
     }

@@ -232,61 +232,75 @@ inline std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const Co
 }
 
 // The window-batch layout (CPU): every tile its own halo'd window, the windows stacked as a
-// batch [N, C, SH, WW] with WW = (tw - 1) * s + k, so no output is junk. Per output pixel oneDNN
-// runs a batch of 8x8-output windows within 2-5% of the dense convolution, where a strip of
-// single-tile segments computes (tw + k - 1) / tw columns per useful one (+25% at 8 px);
-// tiles of 2 px cost 25-60% more per pixel (benchmarks/bench_conv_layouts.py; benchmarks/
-// RESULTS.md, "Three layouts, chosen per call").
-// The per-output-pixel costs relative to dense that choose between the layouts, measured here
-// (2-core AVX-512 CPU, C 64-512, fp32): strips 1.03 plus their junk columns; windows 1.06 from
-// 4 px on, plus about 2.6 / N * 128 / C for a batch of N windows of C input channels (8x8
-// tiles, C 128: 1.36 at N = 8, 1.21 at 16, 1.04-1.07 from 36 on; C 512: 1.21 at N = 5): a small
-// batch leaves threads idle, less so the more work a window holds. Windows of 2-3 px measured
-// 1.35 against strips, 1.5-2.3 against the pixel layout (random tiles, C 256-512, third
-// session): 1.8 is used; 1-px windows 3-8.
+// batch [N, C, SH, WW] with WW = (tw - 1) * s + k, so no output is junk; a strip of single-tile
+// segments computes (tw + k - 1) / tw columns per useful one (+25% at 8 px).
+//
+// The layouts' costs that choose between them, in units of the dense convolution's time per
+// output pixel, fitted to a sweep of all three layouts with the fused prologue and epilogue the
+// engine uses (benchmarks/bench_conv_layouts.py --fused: 2-core Zen 5 CPU, fp32, C 64-1024,
+// tiles 1-8 px, compact, blob and random masks; benchmarks/RESULTS.md):
+//  * strips: 0.94 per column computed (junk included), 1.2 for strips one output row tall
+//    (1-px tiles: oneDNN on 3-row images);
+//  * windows: 1.06 per pixel from 4 px on (1.8 at 2-3 px, 3.5 at 1 px) plus about
+//    2.6 / N * 128 / C for a batch of N windows of C input channels (a small batch leaves threads
+//    idle), plus kWindowGather / C_out per gathered pixel, (t + k - 1)^2 of them per t^2 outputs
+//    (a gathered pixel costs ~C_in, its share of the convolution 9 C_in C_out). The gather is
+//    what makes window batches lose to strips on the Zen 5 CPU, whose convolutions run twice as
+//    fast as on the Zen 4 of the first measurements (where windows won on scattered tiles);
+//  * pixels: 1.11 per pixel through the BRGEMM GEMM (gemm_cpu.h; 1.4 through oneDNN's 1x1
+//    convolution) plus kPixelGather / C_out per im2col entry (k^2 per pixel).
+constexpr double kWindowGather = 22.0;
+constexpr double kPixelGather = 5.5;
+
 inline double strip_cost(const std::vector<Segment>& segs, const ConvGeometry& g) {
   double cols = 0;
   for (const Segment& sg : segs) cols += static_cast<double>(sg.rows) * (sg.w + ceil_div(g.k - g.s, g.s));
-  return 1.03 * cols;
+  return (g.th == 1 ? 1.2 : 0.94) * cols;
 }
 
-inline double window_cost(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+inline double window_cost(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels,
+                          int64_t out_channels) {
   int64_t tiles = 0;
   for (const Segment& sg : segs) tiles += ceil_div(sg.w, g.tw);
   const double small_batch = 2.6 / static_cast<double>(std::max<int64_t>(tiles, 1)) * 128.0 /
                              static_cast<double>(std::max<int64_t>(channels, 1));
   const int64_t side = std::min(g.th, g.tw);
   const double per_pixel = (side >= 4 ? 1.06 : side >= 2 ? 1.8 : 3.5) + small_batch;
-  return per_pixel * static_cast<double>(tiles * g.th * g.tw);
+  const double window = static_cast<double>(((g.th - 1) * g.s + g.k) * ((g.tw - 1) * g.s + g.k));
+  return per_pixel * static_cast<double>(tiles * g.th * g.tw) +
+         kWindowGather * window * static_cast<double>(tiles) / static_cast<double>(std::max<int64_t>(out_channels, 1));
 }
 
 // The pixel layout (CPU): one k x k window per output pixel, which is an im2col matrix
-// [pixels, k*k*C], convolved by one GEMM. No halo work at all, at the price of reading every
-// input k*k times and of a GEMM (K = k*k*C) instead of oneDNN's direct convolution: it pays for
-// the small tiles of deep levels, where C is large and the maps small. Per output pixel against
-// dense (random tiles, f 0.3-0.6): 1.0-1.5 at C 512-1024, 1.5-1.9 at C 256, 2.3-3.1 at C 64-128;
-// the gather's k*k reads weigh against the GEMM's C_out multiply-adds: 1.05 + 96 / C.
-inline double pixel_cost(const std::vector<Segment>& segs, int64_t channels) {
+// [pixels, k*k*C], convolved by one GEMM. No halo work at all, at the price of gathering every
+// input k*k times: it pays for the small tiles of deep levels, where C is large and the maps
+// small (C 512-1024, 1-2 px tiles: 1.0-1.4x dense per pixel, against 1.2-2.7x in strips).
+inline double pixel_cost(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t out_channels,
+                         bool fast_gemm) {
   int64_t pixels = 0;
   for (const Segment& sg : segs) pixels += sg.rows * sg.w;
-  return (1.05 + 96.0 / static_cast<double>(std::max<int64_t>(channels, 1))) * static_cast<double>(pixels);
+  const double p = static_cast<double>(pixels);
+  return (fast_gemm ? 1.11 : 1.4) * p +
+         kPixelGather * static_cast<double>(g.k * g.k) * p / static_cast<double>(std::max<int64_t>(out_channels, 1));
 }
 
 enum class Layout { kStrips, kWindows, kPixels };
 
 // YODA_SPARSE_CONV_LAYOUT=strip|windows|pixels forces a layout (tests, benchmarks); otherwise
-// the cheapest by the costs above. Transposed and 1x1 convolutions have no junk columns: strips.
-inline Layout choose_layout(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels) {
+// the cheapest by the costs above (`fast_gemm`: the pixel layout's GEMM runs on BRGEMM).
+// Transposed and 1x1 convolutions have no junk columns: strips.
+inline Layout choose_layout(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels,
+                            int64_t out_channels, bool fast_gemm) {
   if (g.transposed || g.k <= g.s) return Layout::kStrips;
   const char* env = std::getenv("YODA_SPARSE_CONV_LAYOUT");
   if (env && std::string(env) == "strip") return Layout::kStrips;
   if (env && std::string(env) == "windows") return Layout::kWindows;
   if (env && std::string(env) == "pixels") return Layout::kPixels;
-  const double strips = strip_cost(segs, g), windows = window_cost(segs, g, channels);
-  // pixels only for tiles under 4 px: that is where it was measured to win, and larger tiles
-  // keep the layouts the convolution sweep measured
+  const double strips = strip_cost(segs, g);
+  const double windows = window_cost(segs, g, channels, out_channels);
+  // pixels only for tiles under 4 px: that is where it was measured to win
   if (std::min(g.th, g.tw) < 4) {
-    const double pixels = pixel_cost(segs, channels);
+    const double pixels = pixel_cost(segs, g, out_channels, fast_gemm);
     if (pixels < strips && pixels < windows) return Layout::kPixels;
   }
   return windows < strips ? Layout::kWindows : Layout::kStrips;

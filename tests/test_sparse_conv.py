@@ -275,6 +275,60 @@ def test_cpp_one_pixel_tiles_without_bias_on_strided_views(monkeypatch, geo_name
     assert torch.equal(outs[1][untouched], outs[0][untouched])
 
 
+@pytest.mark.parametrize("brgemm", ["1", "0"])
+@pytest.mark.parametrize("geo_name", ["3x3", "1x1", "3x3_s2_reflect", "up2_3x3"])
+def test_cpp_pixel_gemm_in_float32_against_float64(monkeypatch, geo_name, brgemm):
+    """The pixel layout's float32 GEMM (oneDNN's BRGEMM micro-kernel with the epilogue fused per
+    block, or, with YODA_SPARSE_CONV_BRGEMM=0, oneDNN's 1x1 convolution) against the float64
+    dense truth: several row blocks (over 64 pixels), K chunks with a remainder (C = 2 x 61 + 9
+    concatenated channels), output channels in blocks with a ragged last one (300), bias,
+    group norm + SiLU, a per-image add, and the residual being out itself, in a channels_last and
+    an NCHW out; pixels outside the tiles untouched."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", "pixels")
+    monkeypatch.setenv("YODA_SPARSE_CONV_BRGEMM", brgemm)
+    geo = GEOMETRIES[geo_name]
+    x, x2, w, b, Ho, Wo = make_inputs(geo, torch.float64, B=2, C1=122, C2=9, Co=300, H=12, W=15, seed=3)
+    G = 131
+    g = torch.Generator().manual_seed(4)
+    norm = NormParams(torch.randn(2, G, generator=g, dtype=torch.float64),
+                      torch.rand(2, G, generator=g, dtype=torch.float64) + 0.5,
+                      torch.randn(131, generator=g, dtype=torch.float64), torch.randn(131, generator=g, dtype=torch.float64))
+    add = torch.randn(2, 300, generator=g, dtype=torch.float64)
+    tmap = torch.rand(2, Ho, Wo, generator=g) < 0.6
+    out0 = torch.randn(2, 300, Ho, Wo, generator=g, dtype=torch.float64)
+    truth = dense_truth(x, w, b, geo, x2=x2, norm=norm, act="silu", add=add, residual=out0)
+    f32 = lambda t: t.float()
+    norm32 = NormParams(*(f32(t) for t in norm))
+    pix = pixel_mask(tmap, (1, 1), Ho, Wo).expand_as(out0)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        out = out0.float().contiguous(memory_format=fmt)
+        call(f32(x).contiguous(memory_format=torch.channels_last), f32(w), f32(b), tmap, out, geo, (1, 1), "cpp",
+             x2=f32(x2), norm=norm32, act="silu", add=f32(add), residual=out)
+        torch.testing.assert_close(out.double()[pix], truth[pix], rtol=1e-4, atol=1e-4)
+        assert torch.equal(out[~pix], out0.float()[~pix])
+
+
+def test_cpp_pixel_gemm_sees_a_weight_changed_in_place(monkeypatch):
+    """The packed weights of the BRGEMM path are cached per weight tensor: an in-place update
+    (a new version of the same tensor) and a new tensor at the same shape are both seen."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", "pixels")
+    geo = GEOMETRIES["3x3"]
+    x, _, w, b, Ho, Wo = make_inputs(geo, torch.float32, B=1, C1=64, Co=64, H=9, W=9, seed=5)
+    tmap = torch.ones(1, Ho, Wo, dtype=torch.bool)
+    for step in range(3):
+        if step == 1:
+            w.mul_(-2.0)
+        elif step == 2:
+            w = torch.randn_like(w)
+        out = torch.zeros(1, 64, Ho, Wo)
+        call(x, w, b, tmap, out, geo, (1, 1), "cpp")
+        torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["reference"] + available_backends())
 def test_count_limits_the_list(backend):
     geo = GEOMETRIES["3x3"]

@@ -39,7 +39,7 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-c
 NVCC_FLAGS = ["-O3"]
 LD_FLAGS = ["-fopenmp"]
 SOURCES_CPU = ["bindings.cpp", "masked_l1_cpu.cpp", "yoda_step_cpu.cpp", "noise_cpu.cpp", "yoda_autograd.cpp",
-               "sparse_conv_cpu.cpp", "group_stats_cpu.cpp"]
+               "sparse_conv_cpu.cpp", "gemm_cpu.cpp", "group_stats_cpu.cpp"]
 SOURCES_CUDA = ["yoda_ops_cuda.cu", "sparse_conv_cuda.cu"]
 
 _lock = threading.Lock()

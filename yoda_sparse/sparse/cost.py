@@ -30,8 +30,9 @@ from .plan import sparse_work
 __all__ = ["CostModel", "cost_cache_path"]
 
 # of what is measured (4: the CPU kernel's window batches; 5: its pixel layout and 1-px deep
-# tiles): other versions are measured again
-_VERSION = 5
+# tiles; 6: the pixel layout's BRGEMM GEMM and gather-aware layout costs): other versions are
+# measured again
+_VERSION = 6
 
 
 def cost_cache_path() -> Path:

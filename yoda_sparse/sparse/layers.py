@@ -163,13 +163,18 @@ class StepContext:
             idx = pix[b].nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            t = qkv[b].reshape(3, heads, d, H * W)
-            q = t[0][:, :, idx].transpose(-1, -2)  # [heads, Nq, d]
-            k, v = t[1].transpose(-1, -2), t[2].transpose(-1, -2)  # [heads, HW, d]
+            # pixel-major rows [HW, channels] (views of the channels_last maps): q, k and v with
+            # unit stride along the head dimension, which SDPA's flash kernel needs (strided
+            # ones sent it to the math path: two MKL bmm and a softmax, 1.4x slower here)
+            rows = qkv[b].permute(1, 2, 0).reshape(H * W, 3 * C)
+            q = rows[idx, :C].view(-1, heads, d).transpose(0, 1)  # [heads, Nq, d]
+            k = rows[:, C:2 * C].unflatten(1, (heads, d)).transpose(0, 1)  # [heads, HW, d]
+            v = rows[:, 2 * C:].unflatten(1, (heads, d)).transpose(0, 1)
             o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0]
-            o = o.transpose(-1, -2).reshape(C, -1)  # [C, Nq]
-            xb = x[b].reshape(C, H * W)[:, idx]
-            out[b].view(C, H * W)[:, idx] = xb + w_out @ o + attn.out.bias.view(C, 1)
+            o = o.transpose(0, 1).reshape(-1, C)  # [Nq, C]
+            x_rows = x[b].permute(1, 2, 0).reshape(H * W, C)
+            out_rows = out[b].permute(1, 2, 0).view(H * W, C)  # a view: written in place
+            out_rows[idx] = x_rows[idx] + F.linear(o, w_out, attn.out.bias)
         return out
 
     def res_attn(self, name: str, block, x: torch.Tensor, emb: torch.Tensor, level: int, x2=None) -> torch.Tensor:

@@ -1,0 +1,136 @@
+// See gemm_cpu.h.
+#include "gemm_cpu.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace yoda {
+namespace cpu_gemm {
+namespace {
+
+// Block sizes, measured on the 2-core Zen 5 CPU (benchmarks/RESULTS.md): 64 rows and 256
+// columns per block keep A's rows and B's slice of one K chunk (256 rows) in L2 together
+// (316 x 4608 x 512: 478 GF/s; the whole of M per block: 246 GF/s, K unchunked: 114 GF/s).
+constexpr int64_t kRows = 64;
+constexpr int64_t kCols = 256;
+constexpr int64_t kDepth = 256;
+
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Packed {
+  WeakImpl owner;  // keeps the address from being reused while the entry exists
+  const void* data;
+  uint32_t version;
+  std::vector<int64_t> sizes, strides;
+  at::Tensor matrix;
+};
+
+std::mutex& cache_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::unordered_map<const c10::TensorImpl*, Packed>& cache() {
+  static std::unordered_map<const c10::TensorImpl*, Packed> c;
+  return c;
+}
+
+at::Tensor pack(const at::Tensor& weight) {
+  return weight.permute({2, 3, 1, 0}).contiguous().view({-1, weight.size(0)});
+}
+
+}  // namespace
+
+bool available() {
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const char* env = std::getenv("YODA_SPARSE_CONV_BRGEMM");
+  if (env && std::string(env) == "0") return false;
+  return avx2 && at::globalContext().userEnabledMkldnn();
+#else
+  return false;
+#endif
+}
+
+at::Tensor packed_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4, "packed_weight takes a float32 [C_out, C, kh, kw]");
+  if (weight.is_inference()) return pack(weight);
+  const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
+  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto& entries = cache();
+  auto it = entries.find(key);
+  if (it != entries.end() && !it->second.owner.expired() && it->second.data == weight.const_data_ptr() &&
+      it->second.version == version && it->second.sizes == weight.sizes().vec() &&
+      it->second.strides == weight.strides().vec()) {
+    return it->second.matrix;
+  }
+  for (auto e = entries.begin(); e != entries.end();) e = e->second.owner.expired() ? entries.erase(e) : std::next(e);
+  Packed p{WeakImpl(weight.getIntrusivePtr()), weight.const_data_ptr(), version, weight.sizes().vec(),
+           weight.strides().vec(), pack(weight)};
+  at::Tensor matrix = p.matrix;
+  entries.insert_or_assign(key, std::move(p));
+  return matrix;
+}
+
+int64_t packed_bytes() {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  int64_t bytes = 0;
+  for (const auto& e : cache()) {
+    if (!e.second.owner.expired()) bytes += e.second.matrix.numel() * e.second.matrix.element_size();
+  }
+  return bytes;
+}
+
+void clear_packed() {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  cache().clear();
+}
+
+void gemm(const float* A, int64_t M, int64_t K, const float* B, int64_t N, const float* bias,
+          const std::function<void(int64_t, int64_t, int64_t, int64_t, const float*)>& epilogue) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  if (M <= 0) return;
+  const int64_t row_blocks = (M + kRows - 1) / kRows;
+  int64_t cols = std::min(N, kCols);
+  // too few blocks for the threads: narrower column blocks (never under 64, a whole ZMM tile row)
+  const int64_t threads = at::get_num_threads();
+  if (row_blocks * ((N + cols - 1) / cols) < threads && N > 64) {
+    const int64_t parts = std::min<int64_t>((threads + row_blocks - 1) / row_blocks, (N + 63) / 64);
+    cols = std::max<int64_t>(64, ((N + parts - 1) / parts + 15) / 16 * 16);
+  }
+  const int64_t col_blocks = (N + cols - 1) / cols;
+  // column-block-major order: contiguous task ranges share B's columns
+  at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc(kRows * cols);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t n0 = (task / row_blocks) * cols, m0 = (task % row_blocks) * kRows;
+      const int64_t nn = std::min(cols, N - n0), mm = std::min(kRows, M - m0);
+      if (bias) {
+        for (int64_t r = 0; r < mm; ++r) std::memcpy(acc.data() + r * nn, bias + n0, sizeof(float) * nn);
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t kk = std::min(kDepth, K - k0);
+        at::native::cpublas::brgemm(mm, nn, kk, K, N, nn, bias != nullptr || k0 > 0, A + m0 * K + k0, B + k0 * N + n0,
+                                    acc.data(), false);
+      }
+      epilogue(m0, mm, n0, nn, acc.data());
+    }
+  });
+#else
+  TORCH_CHECK(false, "yoda_sparse: this torch has no float32 cpublas::brgemm (cpu_gemm::available() is false)");
+#endif
+}
+
+}  // namespace cpu_gemm
+}  // namespace yoda
