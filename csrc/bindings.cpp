@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "gemm_cpu.h"
 #include "yoda_ops.h"
 
 extern "C" {
@@ -70,6 +71,9 @@ TORCH_LIBRARY_FRAGMENT(yoda_sparse, m) {
   // (image, group), float32 (float64 for float64 maps); with per-pixel weights, weighted
   // moments. The sparse engine's "current" and "probed" norms.
   m.def("ext_group_stats(Tensor x, Tensor? x2, int groups, float eps, Tensor? weight=None) -> (Tensor, Tensor)");
+  // Bytes of the CPU sparse convolution's packed weights (gemm_cpu.h) whose weight tensors are
+  // alive: memory the pixel layout holds beside the model's own weights.
+  m.def("ext_packed_weight_bytes() -> int", []() -> int64_t { return yoda::cpu_gemm::packed_bytes(); });
 }
 
 TORCH_LIBRARY_IMPL(yoda_sparse, Autograd, m) {

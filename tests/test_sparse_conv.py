@@ -3,6 +3,8 @@ takes it) and against the reference; inactive outputs untouched bit for bit; til
 input.  Small shapes: the Triton interpreter is slow."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,6 +329,13 @@ def test_cpp_pixel_gemm_sees_a_weight_changed_in_place(monkeypatch):
         out = torch.zeros(1, 64, Ho, Wo)
         call(x, w, b, tmap, out, geo, (1, 1), "cpp")
         torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+    # the packed copy is counted while its weight lives, and no longer once it is gone
+    packed = torch.ops.yoda_sparse.ext_packed_weight_bytes
+    held = packed()
+    if os.environ.get("YODA_SPARSE_CONV_BRGEMM") != "0" and held:
+        assert held >= w.numel() * 4
+        del w
+        assert packed() == held - 64 * 64 * 9 * 4
 
 
 @pytest.mark.parametrize("backend", ["reference"] + available_backends())

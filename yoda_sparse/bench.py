@@ -229,6 +229,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     run["level_fraction"] = summ.get("level_fraction")
                     run["level_dense_share"] = summ.get("level_dense_share")
                     run["cache_bytes"] = summ.get("cache_bytes")
+                    run["packed_weight_bytes"] = summ.get("packed_weight_bytes")
                     run["work_ratio"] = summ.get("work_ratio")
                 run["update_ratio"] = float(res.update_ratio.mean())
         for engine in ("dense", "sparse"):
@@ -313,7 +314,7 @@ def format_table(results: dict) -> str:
              f"{results['steps']} steps, {results['device']}, {results['dtype']}, torch {results['torch']}, "
              f"engine options {results['engine_options'] or 'default'}, allocator {results.get('allocator', 'default')}", "",
              "| mask | u | dense s | sparse s | time ratio | work ratio | time / work | tiles per level | "
-             "peak MB dense / sparse | cache MB | PSNR(sparse, dense) dB |",
+             "peak MB dense / sparse | cache MB (maps / packed weights) | PSNR(sparse, dense) dB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         fr = "/".join(f"{f:.2f}" for f in (r.get("level_fraction") or []))
@@ -321,7 +322,8 @@ def format_table(results: dict) -> str:
         work_cols = f"{work:.3f} | {r['time_ratio'] / work:.2f}" if work else "- | -"
         lines.append(f"| {r['source']} | {r['update_ratio']:.3f} | {r['dense']['seconds']:.2f} | {r['sparse']['seconds']:.2f} | "
                      f"{r['time_ratio']:.3f} | {work_cols} | {fr} | {r['dense']['peak_bytes'] / 2**20:.0f} / "
-                     f"{r['sparse']['peak_bytes'] / 2**20:.0f} | {(r.get('cache_bytes') or 0) / 2**20:.0f} | "
+                     f"{r['sparse']['peak_bytes'] / 2**20:.0f} | {(r.get('cache_bytes') or 0) / 2**20:.0f} / "
+                     f"{(r.get('packed_weight_bytes') or 0) / 2**20:.0f} | "
                      f"{r['psnr_sparse_vs_dense']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,9 @@ Per step:
 3. a step whose mask is all ones (every step once t <= l * T) calls the model itself: exactly
    the dense network, no overhead.
 
-The cache holds every layer's output for the whole map (memory: :attr:`cache_bytes`). It is
+The cache holds every layer's output for the whole map (memory: :attr:`cache_bytes`; on the CPU
+the convolution's pixel layout also keeps its weights packed for its GEMM while they live:
+:func:`packed_weight_bytes`). It is
 tied to one input: a new ``x_up``/``cond`` tensor or shape starts a fresh cache, as does
 :meth:`reset` (the samplers build one engine per ``sample`` call).
 
@@ -41,7 +43,7 @@ from ..models.layers import ResBlock, SelfAttention
 from ..models.sr3 import SR3UNet
 from ..ops import tile_list
 
-__all__ = ["SparseUNet", "AUTO_PROBE_STALENESS"]
+__all__ = ["SparseUNet", "AUTO_PROBE_STALENESS", "packed_weight_bytes"]
 
 #: "auto" group-norm statistics switch from the current map's to probed ones once the noise
 #: level sqrt(gamma) has moved this far since the cache was computed: with a refresh every 8
@@ -49,6 +51,18 @@ __all__ = ["SparseUNet", "AUTO_PROBE_STALENESS"]
 #: step's (PSNR(sparse, dense) 57 dB against 52 dB), at 20 steps (moves up to ~0.36) the
 #: probed ones did by far (51 dB against 38 dB) (benchmarks/RESULTS.md)
 AUTO_PROBE_STALENESS = 0.08
+
+
+def packed_weight_bytes() -> int:
+    """Bytes of the packed weights the C++ sparse convolution keeps for its pixel layout's GEMM
+    (a transposed copy of each weight it served, held while that weight tensor lives; 0 without
+    the extension). For SR3 16->128 on the CPU about 160 MB, the weights of its 32 and 16 px
+    levels."""
+    from ..ops import cpp_backend
+
+    if cpp_backend.ensure_loaded() is not None:
+        return 0
+    return int(torch.ops.yoda_sparse.ext_packed_weight_bytes())
 
 
 def check_supported(unet: nn.Module) -> None:
@@ -155,6 +169,7 @@ class SparseUNet:
         self.frozen_stats.clear()
         self.history = []
         self.peak_cache_bytes = 0
+        self.peak_packed_bytes = 0
         self._input_key = None
         self._filled = False
         self._filled_level = None  # SR3's noise level when the cache was last computed whole
@@ -235,6 +250,8 @@ class SparseUNet:
             eps = eps.contiguous()
             self._filled = True
             self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+            if z.device.type == "cpu":
+                self.peak_packed_bytes = max(self.peak_packed_bytes, packed_weight_bytes())
             record.update(fractions=[p.fraction for p in plans], dense=[p.dense for p in plans],
                           refresh=any(p.refresh for p in plans))
         self.history.append(record)
@@ -438,6 +455,7 @@ class SparseUNet:
             "step_work": work,
             "work_ratio": sum(work) / len(work),
             "cache_bytes": self.peak_cache_bytes,
+            "packed_weight_bytes": self.peak_packed_bytes,
         }
 
 
