@@ -161,8 +161,16 @@ def test_bench_command_writes_its_table_and_plots(tmp_path, capsys):
             assert len(r[engine]["runs"]) == 2 and r[engine]["seconds"] == sum(r[engine]["runs"]) / 2
     assert len(report["per_step"]["sparse"]) == 2 * 3  # the first round's steps, per source
     assert report["runs"][1]["psnr_sparse_vs_dense"] == float("inf")  # all-ones: the same computation
+    for r in report["runs"]:  # read in an untimed run of each engine (the timed ones carry no watcher)
+        assert r["dense"]["peak_bytes"] > 0 and r["sparse"]["peak_bytes"] > 0
     for f in ("bench.md", "time_ratio.png", "step_time.png"):
         assert (tmp_path / "b" / f).stat().st_size > 0
     assert "ratio" in capsys.readouterr().out
+    rc = main(["bench", "--model", "sr3_tiny", "--size", "32", "--steps", "2", "--sources", "ones",
+               "--out", str(tmp_path / "c"), "--no-progress", "--no-memory"])
+    assert rc == 0
+    report = json.loads((tmp_path / "c" / "bench.json").read_text())
+    assert report["runs"][0]["dense"]["peak_bytes"] is None and report["runs"][0]["sparse"]["peak_bytes"] is None
+    assert "| - / - |" in (tmp_path / "c" / "bench.md").read_text()
     assert main(["bench", "--steps", "0"]) == 1  # a ValueError naming --steps
     assert "--steps" in capsys.readouterr().err

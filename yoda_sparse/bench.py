@@ -7,7 +7,8 @@ Reported per source: time per run and their ratio, the update ratio u (the ideal
 ratio), the work ratio (the time ratio ideal kernels would reach with the run's tiles and
 its full steps: fill, refreshes, all-ones steps; ``SparseUNet.summary``) and time / work (how
 far the kernels are from that), the active tile fraction of every level, peak memory over
-the run's start (on the CPU the bytes malloc has handed out), and PSNR(sparse, dense): how
+the run's start (on the CPU the bytes malloc has handed out, read in one more run of each
+engine that is not timed), and PSNR(sparse, dense): how
 far the sparse run drifts from the dense one. Writes a markdown table, a JSON file and two
 plots: time ratio against u with the ideal line and the work ratios, and per-step time
 against the step's active fraction. Both engines run with the allocator keeping freed memory
@@ -19,6 +20,7 @@ ratio is U, default 0.4); ``ones`` (every pixel active every step: dense work).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -47,6 +49,7 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     repeats: int = 1                    # runs of each engine per source, interleaved (median reported)
+    memory: bool = True                 # CPU: one more, untimed run per engine and source for peak memory
     engine_options: dict = field(default_factory=dict)
     out: Path | None = None
     progress: bool = True
@@ -220,7 +223,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             for engine in order:
                 seconds, res, step_times, peak = _timed_sample(diff, lr, attn, engine, cfg, device)
                 times[engine].append(seconds)
-                peaks[engine] = max(peaks[engine], peak)
+                if peak is not None:
+                    peaks[engine] = max(peaks[engine], peak)
                 outputs[engine] = res.images
                 if rep == 0:
                     per_step[engine].extend(step_times)
@@ -232,9 +236,15 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     run["packed_weight_bytes"] = summ.get("packed_weight_bytes")
                     run["work_ratio"] = summ.get("work_ratio")
                 run["update_ratio"] = float(res.update_ratio.mean())
+        if device.type != "cuda":
+            # on the CPU peak memory is sampled by a thread, whose wake-ups every 5 ms stall
+            # the compute threads (2.5 s in 25 s here), so it gets a run of its own
+            for engine in ("dense", "sparse"):
+                peaks[engine] = (_timed_sample(diff, lr, attn, engine, cfg, device, watch_memory=True)[3]
+                                 if cfg.memory else None)
         for engine in ("dense", "sparse"):
             run[engine] = {"seconds": statistics.median(times[engine]), "runs": times[engine],
-                           "peak_bytes": int(peaks[engine])}
+                           "peak_bytes": None if peaks[engine] is None else int(peaks[engine])}
         run["time_ratio"] = run["sparse"]["seconds"] / run["dense"]["seconds"]
         run["psnr_sparse_vs_dense"] = float(psnr(outputs["sparse"].float().cpu(), outputs["dense"].float().cpu(),
                                                  scale=diff.scale).mean())
@@ -253,9 +263,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     return results
 
 
-def _timed_sample(diff, lr, attn, engine: str, cfg: BenchConfig, device: torch.device):
+def _timed_sample(diff, lr, attn, engine: str, cfg: BenchConfig, device: torch.device, *,
+                  watch_memory: bool = False):
     """One sampling run on ``engine``: (seconds, result, per-step (active fraction, seconds) of
-    the sparse engine or seconds of the dense one, peak memory over the run's start)."""
+    the sparse engine or seconds of the dense one, peak memory over the run's start: on a GPU
+    always, on the CPU only with ``watch_memory`` (None otherwise), whose sampling thread
+    slows the run down)."""
     from .sparse import SparseUNet
 
     step_times: list = []
@@ -279,7 +292,7 @@ def _timed_sample(diff, lr, attn, engine: str, cfg: BenchConfig, device: torch.d
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
-        with _PeakMemory() as mem:
+        with (_PeakMemory() if watch_memory and device.type != "cuda" else contextlib.nullcontext()) as mem:
             t0 = time.perf_counter()
             res = diff.sample(lr, attn, steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed),
                               progress=cfg.progress, engine=engine,
@@ -291,7 +304,10 @@ def _timed_sample(diff, lr, attn, engine: str, cfg: BenchConfig, device: torch.d
         diff._predict_noise = original
         SparseUNet.predict = original_predict
         SparseUNet.__call__ = original_predict
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak - mem.base
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = mem.peak - mem.base if mem is not None else None
     return seconds, res, step_times, peak
 
 
@@ -316,13 +332,16 @@ def format_table(results: dict) -> str:
              "| mask | u | dense s | sparse s | time ratio | work ratio | time / work | tiles per level | "
              "peak MB dense / sparse | cache MB (maps / packed weights) | PSNR(sparse, dense) dB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def mb(n):
+        return "-" if n is None else f"{n / 2**20:.0f}"
+
     for r in results["runs"]:
         fr = "/".join(f"{f:.2f}" for f in (r.get("level_fraction") or []))
         work = r.get("work_ratio")
         work_cols = f"{work:.3f} | {r['time_ratio'] / work:.2f}" if work else "- | -"
         lines.append(f"| {r['source']} | {r['update_ratio']:.3f} | {r['dense']['seconds']:.2f} | {r['sparse']['seconds']:.2f} | "
-                     f"{r['time_ratio']:.3f} | {work_cols} | {fr} | {r['dense']['peak_bytes'] / 2**20:.0f} / "
-                     f"{r['sparse']['peak_bytes'] / 2**20:.0f} | {(r.get('cache_bytes') or 0) / 2**20:.0f} / "
+                     f"{r['time_ratio']:.3f} | {work_cols} | {fr} | {mb(r['dense']['peak_bytes'])} / "
+                     f"{mb(r['sparse']['peak_bytes'])} | {(r.get('cache_bytes') or 0) / 2**20:.0f} / "
                      f"{(r.get('packed_weight_bytes') or 0) / 2**20:.0f} | "
                      f"{r['psnr_sparse_vs_dense']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -428,6 +447,8 @@ def add_bench_arguments(q) -> None:
     q.add_argument("--repeats", type=int, default=1, help="runs of each engine per mask source, interleaved (median)")
     q.add_argument("--out", default="out/bench", help="folder for bench.md/json and the plots")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-memory", action="store_true",
+                   help="CPU: skip the untimed run per engine and mask source that reads peak memory")
     add_engine_arguments(q, with_engine=False)
 
 
@@ -440,6 +461,6 @@ def bench_from_args(args) -> int:
                       sources=tuple(args.sources), lower_bound=args.lower_bound, device=args.device,
                       dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats,
                       engine_options=engine_options_from_args(args), out=Path(args.out),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, memory=not args.no_memory)
     run_bench(cfg)
     return 0

@@ -144,7 +144,7 @@ def timing_demo(*, image: str, size: int = 256, steps: int = 20, seed: int = 0, 
     from .bench import BenchConfig, run_bench
 
     cfg = BenchConfig(model="sr3_16_128", size=size, batch=1, steps=steps, sources=(f"edge:{image}",),
-                      seed=seed, progress=False)
+                      seed=seed, progress=False, memory=False)
     log(f"[timing] the published SR3 16->128 architecture (97.8 M parameters, random weights: timing only), "
         f"{size}x{size}, {steps} steps, edge attention of {image}, this machine:")
     res = run_bench(cfg, log=lambda m: log(m.replace("[bench]", "[timing]")))
