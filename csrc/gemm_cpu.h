@@ -25,7 +25,8 @@ bool available();
 // The weight [C_out, C, kh, kw] as the GEMM's B: float32 [kh * kw * C, C_out] row-major, row
 // (ky, kx, c), the column order of the pixel layout's im2col matrix. Packing is a transpose of the
 // whole weight (1-2 ms at 512 x 512 x 3 x 3, as long as the GEMM it serves), so it is cached
-// per weight tensor while that tensor lives and is unchanged (same storage, same version);
+// per weight storage while it lives and is unchanged (same storage and offset, same version,
+// sizes and strides: a parameter and its detached aliases share one copy);
 // tensors without a version counter (inference mode) are packed per call.
 at::Tensor packed_weight(const at::Tensor& weight);
 

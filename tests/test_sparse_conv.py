@@ -338,6 +338,39 @@ def test_cpp_pixel_gemm_sees_a_weight_changed_in_place(monkeypatch):
         assert packed() == held - 64 * 64 * 9 * 4
 
 
+def test_cpp_packed_weight_is_shared_by_a_weight_and_its_aliases(monkeypatch):
+    """A parameter and the detached alias a caller makes of it (the sparse engine makes one per
+    sampling run) share one packed copy: a second alias adds no bytes, an in-place update
+    through the alias is seen by the original, and the copy lives while any alias does."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    if os.environ.get("YODA_SPARSE_CONV_BRGEMM") == "0":
+        pytest.skip("BRGEMM disabled: no packed weights")
+    monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", "pixels")
+    geo = GEOMETRIES["3x3"]
+    x, _, w, b, Ho, Wo = make_inputs(geo, torch.float32, B=1, C1=48, Co=40, H=7, W=7, seed=9)
+    tmap = torch.ones(1, Ho, Wo, dtype=torch.bool)
+    packed = torch.ops.yoda_sparse.ext_packed_weight_bytes
+    param = torch.nn.Parameter(w.clone())
+    before = packed()
+    out = torch.zeros(1, 40, Ho, Wo)
+    call(x, param.detach(), b, tmap, out, geo, (1, 1), "cpp")
+    held = packed()
+    if held == before:
+        pytest.skip("this CPU has no BRGEMM kernel")
+    assert held == before + w.numel() * 4
+    alias = param.detach()
+    call(x, alias, b, tmap, out, geo, (1, 1), "cpp")
+    assert packed() == held  # the same copy, not a second one
+    alias.mul_(0.5)  # shared version counter: the update is seen through the other alias
+    call(x, param.detach(), b, tmap, out, geo, (1, 1), "cpp")
+    torch.testing.assert_close(out, F.conv2d(x, w * 0.5, b, padding=1), rtol=1e-4, atol=1e-4)
+    del param
+    assert packed() == held  # the alias keeps the storage, hence the copy
+    del alias
+    assert packed() == before
+
+
 @pytest.mark.parametrize("backend", ["reference"] + available_backends())
 def test_count_limits_the_list(backend):
     geo = GEOMETRIES["3x3"]
