@@ -135,7 +135,7 @@ def test_upscale_and_eval_on_the_sparse_engine(tiny_checkpoints, images, tmp_pat
         out.mkdir()
         rc = main(["upscale", str(images["b"]), "--out", str(out), "--checkpoint", str(tiny_checkpoints[name]),
                    "--steps", "3", "--engine", "sparse", "--sparse-tile", "4", "--refresh-every", "2",
-                   "--dense-threshold", "2.0", "--no-progress"])
+                   "--refresh-above", "0.9", "--dense-threshold", "2.0", "--no-progress"])
         assert rc == 0 and (out / "b_x4.png").exists()
     hr = tmp_path / "hr"
     hr.mkdir()

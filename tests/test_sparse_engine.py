@@ -13,7 +13,8 @@ from yoda_sparse.diffusion import build_diffusion
 from yoda_sparse.models import build_model, get_model_config
 from yoda_sparse.sparse import CostModel, SparseUNet, UnsupportedLayerError
 from yoda_sparse.sparse.norm import group_stats
-from yoda_sparse.sparse.plan import LevelPlan, level_probes, level_tile_maps, probe_centres, with_probes
+from yoda_sparse.sparse.plan import (LevelPlan, level_probes, level_tile_maps, level_tile_sizes, probe_centres,
+                                     with_probes)
 
 FAMILIES = ("sr3_tiny", "srdiff_tiny")
 H = W = 32
@@ -82,7 +83,8 @@ def test_first_step_exact_and_sparse_steps_exact_while_the_input_is_unchanged(na
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_tile_active_equals_dense_on_a_changed_input(name):
     model, z, kw, dense = setup(name)
-    eng = SparseUNet(model, tile=4, cost_model=2.0)
+    # refresh_above=None: every tile's work through the sparse kernels, not a whole step
+    eng = SparseUNet(model, tile=4, cost_model=2.0, refresh_above=None)
     mask = torch.zeros(z.shape[0], 1, H, W, dtype=torch.bool)
     mask[:, :, ::4, ::4] = True  # one pixel in every 4x4 tile: all tiles active, not all pixels
     eng(z, mask, **kw)
@@ -233,15 +235,15 @@ def test_predicted_time_ratio_counts_full_steps_and_sparse_work(monkeypatch):
     shares = eng.level_flop_shares()
     min_tile = eng.min_tile_for(torch.device("cpu"))
     tiles = level_tile_sizes(3, 4, min_tile)
-    expected, filled = [], False
+    expected, filled, last_full = [], False, 0
     for i in range(len(masks)):
         m = masks.mask(i)
         if bool(m.all()):
             expected.append(1.0)
             filled = False
-        elif not filled or i % 4 == 0:
+        elif not filled or i - last_full >= 4:  # the fill, and a refresh 4 steps after it
             expected.append(1.0)
-            filled = True
+            filled, last_full = True, i
         else:
             maps = level_tile_maps(m, 3, 4, min_tile, 0)
             expected.append(sum(s * sparse_work(tm, t, H >> lvl) for lvl, (s, tm, t) in enumerate(zip(shares, maps, tiles))))
@@ -261,6 +263,38 @@ def test_predicted_time_ratio_counts_full_steps_and_sparse_work(monkeypatch):
                          0.8) == 1.0
     measured = SparseUNet(model, tile=4, refresh_every=4, cost_model=cm).predicted_time_ratio(masks)
     assert sum(expected) / len(expected) < measured <= 1.0
+    # refresh_above: a step predicted at that share of a dense step or more counts whole
+    cheap = min(e for e in expected if e < 1.0)
+    costly = SparseUNet(model, tile=4, refresh_every=4, cost_model=2.0, refresh_above=cheap / 2)
+    assert costly.predicted_time_ratio(masks) == pytest.approx(1.0)
+    never = SparseUNet(model, tile=4, refresh_every=4, cost_model=2.0, refresh_above=1.0)
+    assert never.predicted_time_ratio(masks) == pytest.approx(sum(expected) / len(expected))
+
+
+def test_refresh_above_runs_an_expensive_step_whole_and_restarts_the_refresh_count():
+    model, z, kw, dense = setup("sr3_tiny", dtype=torch.float32)
+    small, big = blob_mask(z.shape[0], r=5), blob_mask(z.shape[0], r=14)
+    probe = SparseUNet(model, cost_model=2.0, norm_stats="current")
+    sizes = [(H >> lvl, W >> lvl) for lvl in range(len(model.down_blocks))]
+    min_tile = probe.min_tile_for(z.device)
+    tiles = level_tile_sizes(len(sizes), probe.tile, min_tile)
+    maps_small = level_tile_maps(small, len(sizes), probe.tile, min_tile, 0)
+    maps_big = level_tile_maps(big, len(sizes), probe.tile, min_tile, 0)
+    cost_small = probe.step_work(maps_small, sizes, tiles)
+    cost_big = probe.step_work(maps_big, sizes, tiles)
+    assert 0 < cost_small < cost_big < 1
+    theta = (cost_small + cost_big) / 2
+    eng = SparseUNet(model, cost_model=2.0, norm_stats="current", refresh_every=3, refresh_above=theta)
+    # the fill; whole (costly: its share is above theta); sparse twice: the count towards
+    # refresh_every restarted at step 1; a refresh three steps after step 1
+    for m in (small, big, small, small, small):
+        eps = eng(z, m, **kw)
+    assert [all(h["dense"]) for h in eng.history] == [True, True, False, False, True]
+    assert [h["refresh"] for h in eng.history] == [False, True, False, False, True]
+    torch.testing.assert_close(eps, dense(z), rtol=1e-4, atol=1e-4)  # a whole step is the model's
+    for bad in (0.0, 1.5, True, "0.8"):
+        with pytest.raises(ValueError, match="refresh_above"):
+            SparseUNet(model, refresh_above=bad)
 
 
 def test_auto_engine_follows_the_predicted_time_ratio(monkeypatch):

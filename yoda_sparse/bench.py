@@ -413,7 +413,11 @@ def add_engine_arguments(q, *, with_engine: bool = True) -> None:
                    help="sparse engine: group-norm statistics of sparse steps")
     q.add_argument("--probes", type=int, default=None,
                    help="sparse engine: probe tiles per side when norm statistics are probed (default 3)")
-    q.add_argument("--refresh-every", type=int, default=None, help="sparse engine: a dense step every k steps")
+    q.add_argument("--refresh-every", type=int, default=None,
+                   help="sparse engine: a dense step k steps after the cache was last computed whole")
+    q.add_argument("--refresh-above", type=float, default=None,
+                   help="sparse engine: run a step whole (a refresh) when its active tiles hold this share of "
+                        "a dense step's work or more")
     q.add_argument("--dense-threshold", type=float, default=None,
                    help="sparse engine: run a level dense from this active fraction on (default: measured "
                         "on this device at first use)")
@@ -423,7 +427,7 @@ def engine_options_from_args(args) -> dict:
     opts = {}
     for flag, name in (("sparse_tile", "tile"), ("min_tile", "min_tile"), ("halo", "halo"),
                        ("norm_stats", "norm_stats"), ("probes", "probes"),
-                       ("refresh_every", "refresh_every")):
+                       ("refresh_every", "refresh_every"), ("refresh_above", "refresh_above")):
         v = getattr(args, flag, None)
         if v is not None:
             opts[name] = v

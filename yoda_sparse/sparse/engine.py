@@ -8,7 +8,9 @@ Per step:
 2. each level runs sparse (its tiles only, :func:`yoda_sparse.ops.sparse_conv2d` with the
    norm/activation/embedding/residual fused around the convolution) or dense (whole maps), as
    the cost model measured on this device decides for its active fraction; the first step
-   of a run, and every ``refresh_every``-th, runs every level dense and fills the cache;
+   of a run runs every level dense and fills the cache, and so does (a *refresh*) a step
+   whose active tiles hold ``refresh_above`` of a dense step's work or more, where sparse
+   kernels save little, or one ``refresh_every`` steps after the cache was last computed whole;
 3. a step whose mask is all ones (every step once t <= l * T) calls the model itself: exactly
    the dense network, no overhead.
 
@@ -112,9 +114,19 @@ class SparseUNet:
             probes): a lattice of ``probes`` x ``probes`` tiles evenly spaced from corner to
             corner, each computed with a ring of one tile of context around it. Models without
             GroupNorm (SRDiff's) compute no probes.
-        refresh_every: run a whole dense step every k steps (0: never after the first). With
-            the default 8 and "auto" statistics the bundled SR3 checkpoint stays within 0.04 dB
-            of dense-engine YODA at 20 steps (0.13 dB without refreshes; benchmarks/RESULTS.md).
+        refresh_every: run a whole dense step once k steps have passed since the cache was
+            last computed whole (0, the default: no periodic refresh, only ``refresh_above``'s).
+        refresh_above: a step whose active tiles hold this share of a dense step's
+            convolution work or more (:meth:`step_work`: levels weighed by their FLOP share)
+            runs whole instead, as a refresh: the sparse kernels run 1.1-1.3x the work there,
+            so it costs little more, and the cache is fresh again for the steps after it (the
+            count towards ``refresh_every`` restarts). A share of work, not a timing, so which
+            steps run whole, hence the output, does not depend on the machine. None: only
+            ``refresh_every``'s refreshes. With the default 0.85 (and no periodic refresh) the
+            bundled SR3 checkpoint stays within 0.05 dB of dense-engine YODA at 20 and at 100
+            steps (PSNR(sparse, dense) 56-57 dB); the earlier default, a refresh every 8 steps,
+            lost 0.04 / 0.09 dB (51 / 57 dB), and it cost SR3 at 256x256 a whole step at
+            20 steps (benchmarks/RESULTS.md).
         cost_model: a :class:`CostModel` (default: measured on this device, cached on disk),
             or a float: one fixed dense threshold for every level (2.0: never dense; 0.0:
             always dense).
@@ -122,8 +134,8 @@ class SparseUNet:
     """
 
     def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int | None = None, halo: int = 0,
-                 norm_stats: str = "auto", probes: int = 3, refresh_every: int = 8,
-                 cost_model: CostModel | float | None = None, backend: str | None = None):
+                 norm_stats: str = "auto", probes: int = 3, refresh_every: int = 0,
+                 refresh_above: float | None = 0.85, cost_model: CostModel | float | None = None, backend: str | None = None):
         self.model = model
         self.unet = unet_of(model)
         self.family = "sr3" if isinstance(self.unet, SR3UNet) else "srdiff"
@@ -145,6 +157,10 @@ class SparseUNet:
         self.probes = _positive_int("probes", probes, 2)
         self._has_norms = any(isinstance(m, nn.GroupNorm) for m in self.unet.modules())
         self.refresh_every = _positive_int("refresh_every", refresh_every, 0)
+        if refresh_above is not None and (isinstance(refresh_above, bool) or not isinstance(refresh_above, (int, float))
+                                          or not 0.0 < refresh_above <= 1.0):
+            raise ValueError(f"refresh_above: expected None or a share of a dense step in (0, 1], got {refresh_above!r}")
+        self.refresh_above = None if refresh_above is None else float(refresh_above)
         if cost_model is None:
             cost_model = CostModel()
         elif isinstance(cost_model, (int, float)) and not isinstance(cost_model, bool):
@@ -172,6 +188,7 @@ class SparseUNet:
         self.peak_packed_bytes = 0
         self._input_key = None
         self._filled = False
+        self._last_full = 0  # the step that last computed the cache whole
         self._filled_level = None  # SR3's noise level when the cache was last computed whole
         self._step = 0
         self._cond_hr = None
@@ -237,6 +254,7 @@ class SparseUNet:
                 # malloc hands their memory to the new ones (holding both, a refresh ran
                 # 0.2-0.5 s slower than the fill, 2.9 s here: new pages faulted in per map)
                 self.maps.clear()
+                self._last_full = self._step
                 if noise_level is not None:
                     self._filled_level = noise_level.detach().double().clone()
             ctx = StepContext(self, plans)
@@ -284,7 +302,9 @@ class SparseUNet:
         # a refresh runs every level dense, replacing the cached maps: oneDNN's dense
         # convolution beats the sparse kernel over all tiles (2.09-2.10 s against 2.33-2.59 s
         # for SR3 at 256x256 here)
-        refresh = self._refreshes(self._step, self._filled)
+        refresh = self._refreshes(self._step, self._filled, self._last_full)
+        if not (fill or refresh) and self.refresh_above is not None:
+            refresh = self.step_work(maps, sizes, tiles) >= self.refresh_above
         channels = self._level_channels()
         probes = None
         if self._probing(fill or refresh, noise_level):
@@ -312,10 +332,29 @@ class SparseUNet:
             plans.append(plan)
         return plans
 
-    def _refreshes(self, step: int, filled: bool) -> bool:
-        """Whether step ``step`` of a run (0-based) is a refresh: every ``refresh_every``-th
-        once the cache is filled."""
-        return filled and bool(self.refresh_every) and step % self.refresh_every == 0
+    def _refreshes(self, step: int, filled: bool, last_full: int) -> bool:
+        """Whether step ``step`` of a run (0-based) is a refresh: ``refresh_every`` steps after
+        the cache was last computed whole (at step ``last_full``), once it is filled."""
+        return filled and bool(self.refresh_every) and step - last_full >= self.refresh_every
+
+    def step_work(self, maps, sizes, tiles) -> float:
+        """The share of a dense step's convolution work in the active tiles of these level tile
+        maps (``plan.sparse_work`` per level, weighed by :meth:`level_flop_shares`)."""
+        shares = self.level_flop_shares()
+        return sum(s * sparse_work(tm, t, size[1]) for s, tm, size, t in zip(shares, maps, sizes, tiles))
+
+    def _predicted_step(self, device, dtype, batch: int, maps, sizes, tiles) -> tuple[float, bool]:
+        """(the cost model's time of a sparse step over these level tile maps, as a share of a
+        dense step, levels weighed by their FLOP share; whether every level would run dense)."""
+        channels = self._level_channels()
+        shares = self.level_flop_shares()
+        cost, all_dense = 0.0, True
+        for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
+            work = sparse_work(tm, t, size[1])
+            args = (device, dtype, batch, channels[lvl], size, t, self.backend)
+            all_dense = all_dense and work >= self.cost_model.threshold(*args)
+            cost += shares[lvl] * self.cost_model.time_ratio(*args, work)
+        return cost, all_dense
 
     def predicted_time_ratio(self, masks, dtype: torch.dtype = torch.float32) -> float:
         """Sparse over dense sampling time that the cost model predicts for a run over
@@ -332,22 +371,21 @@ class SparseUNet:
         sizes = level_sizes(self.unet, H, W)
         min_tile = self.min_tile_for(device)
         tiles = level_tile_sizes(len(sizes), self.tile, min_tile)
-        channels = self._level_channels()
-        shares = self.level_flop_shares()
-        total, filled = 0.0, False
+        total, filled, last_full = 0.0, False, 0
         for i in range(len(masks)):
             m = masks.mask(i)
             if bool(m.all()):  # the model itself; the cache is dropped
                 total, filled = total + 1.0, False
                 continue
-            if not filled or self._refreshes(i, filled):
-                total, filled = total + 1.0, True
+            if not filled or self._refreshes(i, filled, last_full):
+                total, filled, last_full = total + 1.0, True, i
                 continue
             maps = level_tile_maps(m, len(sizes), self.tile, min_tile, self.halo)
-            for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
-                work = sparse_work(tm, t, size[1])
-                total += shares[lvl] * self.cost_model.time_ratio(device, dtype, B, channels[lvl], size, t,
-                                                                  self.backend, work)
+            cost, all_dense = self._predicted_step(device, dtype, B, maps, sizes, tiles)
+            if all_dense or (self.refresh_above is not None and self.step_work(maps, sizes, tiles) >= self.refresh_above):
+                total, last_full = total + 1.0, i  # run whole: the cache is fresh again
+            else:
+                total += cost
         return total / len(masks)
 
     def _check(self, z, mask, noise_level, x_up, t, cond) -> None:
