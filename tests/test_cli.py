@@ -174,3 +174,18 @@ def test_bench_command_writes_its_table_and_plots(tmp_path, capsys):
     assert "| - / - |" in (tmp_path / "c" / "bench.md").read_text()
     assert main(["bench", "--steps", "0"]) == 1  # a ValueError naming --steps
     assert "--steps" in capsys.readouterr().err
+
+
+def test_engine_arguments_parse_refresh_above_and_none():
+    import argparse
+
+    from yoda_sparse.bench import add_engine_arguments, engine_options_from_args
+
+    q = argparse.ArgumentParser()
+    add_engine_arguments(q)
+    assert engine_options_from_args(q.parse_args([])) == {}
+    assert engine_options_from_args(q.parse_args(["--refresh-above", "0.7", "--refresh-every", "8"])) == {
+        "refresh_above": 0.7, "refresh_every": 8}
+    assert engine_options_from_args(q.parse_args(["--refresh-above", "none"])) == {"refresh_above": None}
+    with pytest.raises(SystemExit):
+        q.parse_args(["--refresh-above", "often"])

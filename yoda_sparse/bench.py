@@ -20,6 +20,7 @@ ratio is U, default 0.4); ``ones`` (every pixel active every step: dense work).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -397,6 +398,18 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- command line
+_NONE = object()  # --refresh-above none: the option set to None, not left at its default
+
+
+def _share_or_none(text: str):
+    if text.strip().lower() == "none":
+        return _NONE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] or 'none', got {text!r}") from None
+
+
 def add_engine_arguments(q, *, with_engine: bool = True) -> None:
     """The engine choice and the SparseUNet options, shared by bench, upscale and eval."""
     from .sparse.norm import NORM_STATS
@@ -415,9 +428,9 @@ def add_engine_arguments(q, *, with_engine: bool = True) -> None:
                    help="sparse engine: probe tiles per side when norm statistics are probed (default 3)")
     q.add_argument("--refresh-every", type=int, default=None,
                    help="sparse engine: a dense step k steps after the cache was last computed whole")
-    q.add_argument("--refresh-above", type=float, default=None,
+    q.add_argument("--refresh-above", type=_share_or_none, default=None, metavar="SHARE|none",
                    help="sparse engine: run a step whole (a refresh) when its active tiles hold this share of "
-                        "a dense step's work or more")
+                        "a dense step's work or more (default 0.85; 'none': never)")
     q.add_argument("--dense-threshold", type=float, default=None,
                    help="sparse engine: run a level dense from this active fraction on (default: measured "
                         "on this device at first use)")
@@ -430,7 +443,7 @@ def engine_options_from_args(args) -> dict:
                        ("refresh_every", "refresh_every"), ("refresh_above", "refresh_above")):
         v = getattr(args, flag, None)
         if v is not None:
-            opts[name] = v
+            opts[name] = None if v is _NONE else v
     if getattr(args, "dense_threshold", None) is not None:
         opts["cost_model"] = float(args.dense_threshold)
     return opts
