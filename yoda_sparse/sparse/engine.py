@@ -135,7 +135,8 @@ class SparseUNet:
 
     def __init__(self, model: nn.Module, *, tile: int = 8, min_tile: int | None = None, halo: int = 0,
                  norm_stats: str = "auto", probes: int = 3, refresh_every: int = 0,
-                 refresh_above: float | None = 0.85, cost_model: CostModel | float | None = None, backend: str | None = None):
+                 refresh_above: float | None = 0.85, cost_model: CostModel | float | None = None,
+                 backend: str | None = None):
         self.model = model
         self.unet = unet_of(model)
         self.family = "sr3" if isinstance(self.unet, SR3UNet) else "srdiff"
@@ -157,9 +158,11 @@ class SparseUNet:
         self.probes = _positive_int("probes", probes, 2)
         self._has_norms = any(isinstance(m, nn.GroupNorm) for m in self.unet.modules())
         self.refresh_every = _positive_int("refresh_every", refresh_every, 0)
-        if refresh_above is not None and (isinstance(refresh_above, bool) or not isinstance(refresh_above, (int, float))
+        if refresh_above is not None and (isinstance(refresh_above, bool)
+                                          or not isinstance(refresh_above, (int, float))
                                           or not 0.0 < refresh_above <= 1.0):
-            raise ValueError(f"refresh_above: expected None or a share of a dense step in (0, 1], got {refresh_above!r}")
+            raise ValueError(f"refresh_above: expected None or a share of a dense step in (0, 1], "
+                             f"got {refresh_above!r}")
         self.refresh_above = None if refresh_above is None else float(refresh_above)
         if cost_model is None:
             cost_model = CostModel()
@@ -382,7 +385,8 @@ class SparseUNet:
                 continue
             maps = level_tile_maps(m, len(sizes), self.tile, min_tile, self.halo)
             cost, all_dense = self._predicted_step(device, dtype, B, maps, sizes, tiles)
-            if all_dense or (self.refresh_above is not None and self.step_work(maps, sizes, tiles) >= self.refresh_above):
+            whole = self.refresh_above is not None and self.step_work(maps, sizes, tiles) >= self.refresh_above
+            if all_dense or whole:
                 total, last_full = total + 1.0, i  # run whole: the cache is fresh again
             else:
                 total += cost
