@@ -305,9 +305,7 @@ class SparseUNet:
         # a refresh runs every level dense, replacing the cached maps: oneDNN's dense
         # convolution beats the sparse kernel over all tiles (2.09-2.10 s against 2.33-2.59 s
         # for SR3 at 256x256 here)
-        refresh = self._refreshes(self._step, self._filled, self._last_full)
-        if not (fill or refresh) and self.refresh_above is not None:
-            refresh = self.step_work(maps, sizes, tiles) >= self.refresh_above
+        refresh = self._refreshes(self._step, self._filled, self._last_full, self.step_work(maps, sizes, tiles))
         channels = self._level_channels()
         probes = None
         if self._probing(fill or refresh, noise_level):
@@ -335,25 +333,37 @@ class SparseUNet:
             plans.append(plan)
         return plans
 
-    def _refreshes(self, step: int, filled: bool, last_full: int) -> bool:
-        """Whether step ``step`` of a run (0-based) is a refresh: ``refresh_every`` steps after
-        the cache was last computed whole (at step ``last_full``), once it is filled."""
-        return filled and bool(self.refresh_every) and step - last_full >= self.refresh_every
+    def _refreshes(self, step: int, filled: bool, last_full: int, work: float) -> bool:
+        """Whether step ``step`` of a run (0-based), whose active tiles hold ``work`` of a dense
+        step's (:meth:`step_work`), is a refresh, once the cache is filled: ``refresh_every``
+        steps after the cache was last computed whole (at step ``last_full``), or a step with
+        ``refresh_above`` of the work or more. The engine and ``predicted_time_ratio`` both ask."""
+        if not filled:
+            return False
+        if self.refresh_every and step - last_full >= self.refresh_every:
+            return True
+        return self.refresh_above is not None and work >= self.refresh_above
 
-    def step_work(self, maps, sizes, tiles) -> float:
+    @staticmethod
+    def _level_works(maps, sizes, tiles) -> list[float]:
+        """``plan.sparse_work`` of each level's tile map."""
+        return [sparse_work(tm, t, size[1]) for tm, size, t in zip(maps, sizes, tiles)]
+
+    def step_work(self, maps, sizes, tiles, works: list[float] | None = None) -> float:
         """The share of a dense step's convolution work in the active tiles of these level tile
-        maps (``plan.sparse_work`` per level, weighed by :meth:`level_flop_shares`)."""
-        shares = self.level_flop_shares()
-        return sum(s * sparse_work(tm, t, size[1]) for s, tm, size, t in zip(shares, maps, sizes, tiles))
+        maps (``plan.sparse_work`` per level, or ``works`` where already computed, weighed by
+        :meth:`level_flop_shares`)."""
+        works = self._level_works(maps, sizes, tiles) if works is None else works
+        return sum(s * w for s, w in zip(self.level_flop_shares(), works))
 
-    def _predicted_step(self, device, dtype, batch: int, maps, sizes, tiles) -> tuple[float, bool]:
-        """(the cost model's time of a sparse step over these level tile maps, as a share of a
-        dense step, levels weighed by their FLOP share; whether every level would run dense)."""
+    def _predicted_step(self, device, dtype, batch: int, works: list[float], sizes, tiles) -> tuple[float, bool]:
+        """(the cost model's time of a sparse step whose levels compute ``works`` of their
+        columns, as a share of a dense step, levels weighed by their FLOP share; whether every
+        level would run dense)."""
         channels = self._level_channels()
         shares = self.level_flop_shares()
         cost, all_dense = 0.0, True
-        for lvl, (tm, size, t) in enumerate(zip(maps, sizes, tiles)):
-            work = sparse_work(tm, t, size[1])
+        for lvl, (work, size, t) in enumerate(zip(works, sizes, tiles)):
             args = (device, dtype, batch, channels[lvl], size, t, self.backend)
             all_dense = all_dense and work >= self.cost_model.threshold(*args)
             cost += shares[lvl] * self.cost_model.time_ratio(*args, work)
@@ -380,14 +390,14 @@ class SparseUNet:
             if bool(m.all()):  # the model itself; the cache is dropped
                 total, filled = total + 1.0, False
                 continue
-            if not filled or self._refreshes(i, filled, last_full):
+            maps = level_tile_maps(m, len(sizes), self.tile, min_tile, self.halo)
+            works = self._level_works(maps, sizes, tiles)
+            if not filled or self._refreshes(i, filled, last_full, self.step_work(maps, sizes, tiles, works)):
                 total, filled, last_full = total + 1.0, True, i
                 continue
-            maps = level_tile_maps(m, len(sizes), self.tile, min_tile, self.halo)
-            cost, all_dense = self._predicted_step(device, dtype, B, maps, sizes, tiles)
-            whole = self.refresh_above is not None and self.step_work(maps, sizes, tiles) >= self.refresh_above
-            if all_dense or whole:
-                total, last_full = total + 1.0, i  # run whole: the cache is fresh again
+            cost, all_dense = self._predicted_step(device, dtype, B, works, sizes, tiles)
+            if all_dense:
+                total, last_full = total + 1.0, i  # every level dense: the cache is fresh again
             else:
                 total += cost
         return total / len(masks)
