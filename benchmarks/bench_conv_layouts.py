@@ -1,7 +1,8 @@
 """Which layout keeps oneDNN efficient for a convolution over scattered tiles: the measurement
 behind the C++ sparse convolution's choice between strips and window batches
-(csrc/sparse_conv_plan.h, ``choose_layout``; its third layout, one window per pixel, is timed
-through the op by ``bench_sparse_conv.py --cpp-layouts``).
+(csrc/sparse_conv_plan.h, ``choose_layout``; its third and fourth layouts, one window per pixel
+and the direct implicit GEMM, are timed through the op by ``--fused`` and
+``bench_sparse_conv.py --cpp-layouts``).
 
     python benchmarks/bench_conv_layouts.py            # CPU, fp32, 2 threads
 
@@ -72,9 +73,9 @@ def fused_sweep(rounds: int) -> int:
     from yoda_sparse import ops
 
     cl = torch.channels_last
-    layouts = ("strip", "windows", "pixels", None)
-    print("| C_in -> C_out | side | tile | mask | f | dense ms | strip | windows | pixels | chosen |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    layouts = ("strip", "windows", "pixels", "direct", None)
+    print("| C_in -> C_out | side | tile | mask | f | dense ms | strip | windows | pixels | direct | chosen |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     misses = cases = 0
     for cin, cout, side, tile in FUSED_SHAPES:
         torch.manual_seed(0)
@@ -106,7 +107,7 @@ def fused_sweep(rounds: int) -> int:
             misses += ratios[None] > 1.05 * best
             cell = lambda k: f"{ratios[k]:.2f}" if k in ratios else "-"
             print(f"| {cin} -> {cout} | {side} | {tile} | {kind} | {frac:.2f} | {dense:.2f} | {cell('strip')} | "
-                  f"{cell('windows')} | {cell('pixels')} | {cell(None)} |", flush=True)
+                  f"{cell('windows')} | {cell('pixels')} | {cell('direct')} | {cell(None)} |", flush=True)
     print(f"\nchosen layout over 5% slower than the best: {misses} of {cases}")
     return 0
 

@@ -10,7 +10,7 @@ rounds, so drifts of the machine hit all of them alike):
     dense      F.conv2d of the whole map, channels_last (the fastest dense layout here)
     reference  the pure-PyTorch gather -> conv -> scatter over tiles (SIGE's scheme)
     <backend>  every other registered backend of ops.sparse_conv2d that can serve the inputs
-    cpp[strip], cpp[windows], cpp[pixels]   (--cpp-layouts) the C++ kernel with each of its three layouts
+    cpp[strip], cpp[windows], cpp[pixels], cpp[direct]   (--cpp-layouts) the C++ kernel with each of its layouts
                forced, where "cpp" picks one per call by its cost rule
 Masks: "random" (exactly round(f * tiles) tiles drawn at random) and "blob" (the round(f *
 tiles) tiles nearest the centre: one compact disk). Writes a markdown table and a plot of
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
     ap.add_argument("--cpp-layouts", action="store_true",
                     help="also time the cpp backend with each layout forced: cpp[strip], cpp[windows], "
-                         "cpp[pixels] (cpp picks one per call)")
+                         "cpp[pixels], cpp[direct] (cpp picks one per call)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("out/bench_sparse_conv"))
     args = ap.parse_args(argv)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
                     for name in sparse_backends(x, w, b, tl, cnt, out, (tile, tile)):
                         fns[name] = (lambda nm: lambda: ops.sparse_conv2d(x, w, b, tl, out, count=cnt, tile=tile, backend=nm))(name)
                     if args.cpp_layouts and "cpp" in fns:
-                        for layout in ("strip", "windows", "pixels"):
+                        for layout in ("strip", "windows", "pixels", "direct"):
                             fns[f"cpp[{layout}]"] = with_layout(layout, fns["cpp"])
                     t = time_interleaved(fns, args.rounds, device)
                     row = dict(C=C, R=R, tile=tile, mask=kind, f=f_real, dense_ms=t["dense"] * 1e3,

@@ -18,13 +18,6 @@ namespace yoda {
 namespace cpu_gemm {
 namespace {
 
-// Block sizes, measured on the 2-core Zen 5 CPU (benchmarks/RESULTS.md): 64 rows and 256
-// columns per block keep A's rows and B's slice of one K chunk (256 rows) in L2 together
-// (316 x 4608 x 512: 478 GF/s; the whole of M per block: 246 GF/s, K unchunked: 114 GF/s).
-constexpr int64_t kRows = 64;
-constexpr int64_t kCols = 256;
-constexpr int64_t kDepth = 256;
-
 // Packed copies are keyed on the weight's storage (and offset), not on its TensorImpl: a module's
 // parameter and the detached aliases a caller makes of it (one per sampling run: the sparse
 // engine's channels_last view of each weight) share one packed copy, where a TensorImpl key made
@@ -116,11 +109,7 @@ void clear_packed() {
   cache().clear();
 }
 
-void gemm(const float* A, int64_t M, int64_t K, const float* B, int64_t N, const float* bias,
-          const std::function<void(int64_t, int64_t, int64_t, int64_t, const float*)>& epilogue) {
-#if defined(CPUBLAS_BRGEMM_F32F32F32)
-  if (M <= 0) return;
-  const int64_t row_blocks = (M + kRows - 1) / kRows;
+int64_t column_block(int64_t N, int64_t row_blocks) {
   int64_t cols = std::min(N, kCols);
   // too few blocks for the threads: narrower column blocks (never under 64, a whole ZMM tile row)
   const int64_t threads = at::get_num_threads();
@@ -128,6 +117,27 @@ void gemm(const float* A, int64_t M, int64_t K, const float* B, int64_t N, const
     const int64_t parts = std::min<int64_t>((threads + row_blocks - 1) / row_blocks, (N + 63) / 64);
     cols = std::max<int64_t>(64, ((N + parts - 1) / parts + 15) / 16 * 16);
   }
+  return cols;
+}
+
+void accumulate(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add, const float* A,
+                const float* B, float* C) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+    const int64_t kk = std::min(kDepth, K - k0);
+    at::native::cpublas::brgemm(M, N, kk, ld_a, ld_b, ld_c, add || k0 > 0, A + k0, B + k0 * ld_b, C, false);
+  }
+#else
+  TORCH_CHECK(false, "yoda_sparse: this torch has no float32 cpublas::brgemm (cpu_gemm::available() is false)");
+#endif
+}
+
+void gemm(const float* A, int64_t M, int64_t K, const float* B, int64_t N, const float* bias,
+          const std::function<void(int64_t, int64_t, int64_t, int64_t, const float*)>& epilogue) {
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  if (M <= 0) return;
+  const int64_t row_blocks = (M + kRows - 1) / kRows;
+  const int64_t cols = column_block(N, row_blocks);
   const int64_t col_blocks = (N + cols - 1) / cols;
   // column-block-major order: contiguous task ranges share B's columns
   at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t lo, int64_t hi) {
@@ -138,11 +148,7 @@ void gemm(const float* A, int64_t M, int64_t K, const float* B, int64_t N, const
       if (bias) {
         for (int64_t r = 0; r < mm; ++r) std::memcpy(acc.data() + r * nn, bias + n0, sizeof(float) * nn);
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t kk = std::min(kDepth, K - k0);
-        at::native::cpublas::brgemm(mm, nn, kk, K, N, nn, bias != nullptr || k0 > 0, A + m0 * K + k0, B + k0 * N + n0,
-                                    acc.data(), false);
-      }
+      accumulate(mm, nn, K, K, N, nn, bias != nullptr, A + m0 * K, B + n0, acc.data());
       epilogue(m0, mm, n0, nn, acc.data());
     }
   });

@@ -17,6 +17,13 @@
 namespace yoda {
 namespace cpu_gemm {
 
+// Block sizes, measured on the 2-core Zen 5 CPU (benchmarks/RESULTS.md): 64 rows and 256
+// columns per block keep A's rows and B's slice of one K chunk (256 rows) in L2 together
+// (316 x 4608 x 512: 478 GF/s; the whole of M per block: 246 GF/s, K unchunked: 114 GF/s).
+constexpr int64_t kRows = 64;
+constexpr int64_t kCols = 256;
+constexpr int64_t kDepth = 256;
+
 // Whether the BRGEMM path can serve float32 here: compiled in (torch >= 2.7 has a float32
 // cpublas::brgemm), oneDNN enabled (torch.backends.mkldnn) and an AVX2 CPU (below that ATen
 // falls back to a plain gemm per call), and not switched off by YODA_SPARSE_CONV_BRGEMM=0.
@@ -35,6 +42,16 @@ int64_t packed_bytes();
 
 // Frees every cached packed weight.
 void clear_packed();
+
+// Columns per block for an N-column GEMM of `row_blocks` row blocks: kCols, or narrower (never
+// under 64) where there would be fewer blocks than threads.
+int64_t column_block(int64_t N, int64_t row_blocks);
+
+// C [M, N] (row stride ld_c) = A [M, K] (row stride ld_a) times B [K, N] (row stride ld_b),
+// added to C's values where `add`: one micro-kernel call per kDepth-deep slice of K (the direct
+// layout's implicit GEMM, one call per kernel tap, sparse_conv_cpu.cpp).
+void accumulate(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add, const float* A,
+                const float* B, float* C);
 
 // C = A [M, K] (row-major, ld_a = K) times B [K, N] (packed_weight) plus bias [N] (or nullptr),
 // in blocks of rows x channels spread over the threads; epilogue(m0, rows, n0, cols, acc) gets

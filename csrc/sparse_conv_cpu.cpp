@@ -17,9 +17,15 @@
 //            [pixels, k*k*C] and the convolution one GEMM. It reads the input k*k times, which
 //            the wide deep levels (C >= 256) afford: there 1- and 2-px tiles cost 1.0-1.9x dense
 //            per pixel (f >= 0.3), against 1.5-3.7x in the other two layouts.
-// sparse_conv_plan.h picks the cheapest per call (choose_layout).  The scatter writes each
-// segment's outputs into `out` with the epilogue (activation, per-(image, channel) add,
-// residual).
+//   direct:  (float32, stride 1) every segment its own halo'd window, and the convolution an
+//            implicit GEMM over it through oneDNN's BRGEMM micro-kernel, one call per kernel tap,
+//            each finished block written straight into `out` through the epilogue: no junk
+//            between segments, no convolution output and no scatter pass (the strips' scatter
+//            reads and writes every output once more). It runs compact masks at 0.8-1.1 of
+//            f x dense where strips took 0.9-1.4 (most at the wide levels).
+// sparse_conv_plan.h picks the cheapest per call (choose_layout).  For the first three the
+// scatter writes each segment's outputs into `out` with the epilogue (activation,
+// per-(image, channel) add, residual).
 #include "yoda_ops.h"
 
 #include "cpu_rows.h"
@@ -193,21 +199,48 @@ void scatter_pixels_any(int64_t act, bool add, bool res, scalar_t* dst, int64_t 
 #undef YODA_SCATTER
 }
 
+// Row y of segment sg's input window, prologue applied: sg.in_w pixels of C channels (x's C1,
+// then x2's) written to dst with pixel stride C; `ix` is scratch.
+template <typename scalar_t>
+void gather_row(const Segment& sg, int64_t y, const ConvGeometry& g, const at::Tensor& x,
+                const std::optional<at::Tensor>& x2, const std::vector<at::opmath_type<scalar_t>>& scale,
+                const std::vector<at::opmath_type<scalar_t>>& shift, int64_t act, scalar_t* dst,
+                std::vector<int64_t>& ix) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C1 = x.size(1), C2 = x2.has_value() ? x2->size(1) : 0, C = C1 + C2;
+  const int64_t vy = sg.vy0 + y;
+  const int64_t iy = g.transposed ? ((vy >= 0 && vy < g.H) ? vy : -1) : source_index(vy, g.Hv, g.u, g.reflect);
+  if (iy < 0) {
+    std::memset(dst, 0, sizeof(scalar_t) * C * sg.in_w);
+    return;
+  }
+  const bool has_norm = !scale.empty();
+  const acc_t* a = has_norm ? scale.data() + sg.b * C : nullptr;
+  const acc_t* sh = has_norm ? shift.data() + sg.b * C : nullptr;
+  ix.resize(sg.in_w);
+  for (int64_t q = 0; q < sg.in_w; ++q) {
+    const int64_t vx = sg.vx0 + q;
+    ix[q] = g.transposed ? ((vx >= 0 && vx < g.W) ? vx : -1) : source_index(vx, g.Wv, g.u, g.reflect);
+  }
+  const Strides4 sx = strides_of(x);
+  gather_pixels_any<scalar_t>(act, has_norm, dst, C, x.const_data_ptr<scalar_t>() + sg.b * sx.b + iy * sx.h, ix.data(),
+                              sg.in_w, sx.w, sx.c, C1, a, sh);
+  if (C2) {
+    const Strides4 sx2 = strides_of(*x2);
+    gather_pixels_any<scalar_t>(act, has_norm, dst + C1, C, x2->const_data_ptr<scalar_t>() + sg.b * sx2.b + iy * sx2.h,
+                                ix.data(), sg.in_w, sx2.w, sx2.c, C2, a ? a + C1 : nullptr, sh ? sh + C1 : nullptr);
+  }
+}
+
 template <typename scalar_t>
 void gather(const std::vector<Segment>& segs, const ConvGeometry& g, const at::Tensor& x,
             const std::optional<at::Tensor>& x2, const std::vector<at::opmath_type<scalar_t>>& scale,
             const std::vector<at::opmath_type<scalar_t>>& shift, int64_t act, at::Tensor& strip) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = strip.size(2), SW = strip.size(3);
-  const int64_t C1 = x.size(1), C2 = x2.has_value() ? x2->size(1) : 0, C = C1 + C2;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* x2p = C2 ? x2->const_data_ptr<scalar_t>() : nullptr;
-  const Strides4 sx = strides_of(x);
-  const Strides4 sx2 = C2 ? strides_of(*x2) : Strides4{0, 0, 0, 0};
+  const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0);
   // channels_last [1, C, SH, SW]: (row, col, c); a window batch [N, C, SH, SW] is the same
   // memory as one strip N * SH rows tall, each window at rows in_row .. in_row + SH
   scalar_t* sp = strip.data_ptr<scalar_t>();
-  const bool has_norm = !scale.empty();
   // strip rows x segments; the columns between segments' windows are zeroed by their row task
   const int64_t nseg = static_cast<int64_t>(segs.size());
   // grain: about kElementsPerTask elements per task, a task being one strip row of one segment
@@ -215,13 +248,9 @@ void gather(const std::vector<Segment>& segs, const ConvGeometry& g, const at::T
   at::parallel_for(0, nseg * SH, std::max<int64_t>(1, kElementsPerTask / task_elems), [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> ix;
     for (int64_t task = lo; task < hi; ++task) {
-      const Segment& sg = segs[task / SH];
-      const int64_t y = task % SH;
-      const int64_t vy = sg.vy0 + y;
-      const int64_t iy = g.transposed ? ((vy >= 0 && vy < g.H) ? vy : -1) : source_index(vy, g.Hv, g.u, g.reflect);
-      const acc_t* a = has_norm ? scale.data() + sg.b * C : nullptr;
-      const acc_t* sh = has_norm ? shift.data() + sg.b * C : nullptr;
       const int64_t si = task / SH;
+      const Segment& sg = segs[si];
+      const int64_t y = task % SH;
       scalar_t* row = sp + ((sg.in_row + y) * SW) * C;
       // zero the columns up to the next window in the same strip rows (or to the row's end)
       const bool next_shares = si + 1 < nseg && segs[si + 1].in_row == sg.in_row;
@@ -230,22 +259,7 @@ void gather(const std::vector<Segment>& segs, const ConvGeometry& g, const at::T
       if (si == 0 || segs[si - 1].in_row != sg.in_row) {
         for (int64_t xs = 0; xs < sg.in_col; ++xs) std::memset(row + xs * C, 0, sizeof(scalar_t) * C);
       }
-      scalar_t* dst = row + sg.in_col * C;
-      if (iy < 0) {
-        std::memset(dst, 0, sizeof(scalar_t) * C * sg.in_w);
-        continue;
-      }
-      ix.resize(sg.in_w);
-      for (int64_t q = 0; q < sg.in_w; ++q) {
-        const int64_t vx = sg.vx0 + q;
-        ix[q] = g.transposed ? ((vx >= 0 && vx < g.W) ? vx : -1) : source_index(vx, g.Wv, g.u, g.reflect);
-      }
-      gather_pixels_any<scalar_t>(act, has_norm, dst, C, xp + sg.b * sx.b + iy * sx.h, ix.data(), sg.in_w, sx.w,
-                                  sx.c, C1, a, sh);
-      if (C2) {
-        gather_pixels_any<scalar_t>(act, has_norm, dst + C1, C, x2p + sg.b * sx2.b + iy * sx2.h, ix.data(), sg.in_w,
-                                    sx2.w, sx2.c, C2, a ? a + C1 : nullptr, sh ? sh + C1 : nullptr);
-      }
+      gather_row<scalar_t>(sg, y, g, x, x2, scale, shift, act, row + sg.in_col * C, ix);
     }
   });
 }
@@ -338,6 +352,143 @@ bool pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const
   }
 }
 
+// The direct layout (float32, stride 1, not transposed, through BRGEMM): each segment's halo'd
+// input window is gathered, prologue applied, into a block of its own [SH, in_w, C], and the
+// convolution is an implicit GEMM over it. With q the window's flat pixel index, output pixel
+// (q / in_w, q % in_w) is the sum over taps (dy, dx) of window pixel q + dy * in_w + dx times the
+// tap's weight [C, C_out], so each tap is one GEMM whose A rows are consecutive window pixels
+// (row stride C), summed into one accumulator block; the k - 1 columns q % in_w >= w wrap into
+// the next row and are junk (computed, never written). Each finished block goes straight into
+// `out` through the epilogue: no strip output, no scatter pass, and no junk columns between
+// segments (a strip computes k - 1 per segment too, then copies every output once more).
+template <typename scalar_t>
+bool direct_gemm(const std::vector<Segment>& segs, int64_t SH, const ConvGeometry& g, const at::Tensor& x,
+                 const std::optional<at::Tensor>& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const std::vector<at::opmath_type<scalar_t>>& scale, const std::vector<at::opmath_type<scalar_t>>& shift,
+                 int64_t act, int64_t out_act, const std::vector<at::opmath_type<scalar_t>>& addv,
+                 const std::optional<at::Tensor>& residual, bool accumulate, at::Tensor& out) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    return false;
+  } else {
+    if (!cpu_gemm::available() || g.transposed || g.s != 1) return false;
+    const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0), Cout = out.size(1), k = g.k;
+    const at::Tensor wmat = cpu_gemm::packed_weight(weight);
+    const float* wp = wmat.const_data_ptr<float>();
+    const at::Tensor b32 = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    const Strides4 so = strides_of(out);
+    // accumulate: the residual is out itself (each element read before it is written)
+    const float* rp = accumulate ? op : residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+    const Strides4 sr = accumulate ? so : residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
+    // chunks of whole segments, about chunk_bytes() of windows each (they stay in cache between
+    // the gather and the GEMM), each gathered, then convolved
+    const int64_t budget = std::max<int64_t>(sparse_conv::chunk_bytes() / static_cast<int64_t>(sizeof(float)), 1);
+    std::vector<size_t> ends;
+    int64_t most = 0;
+    for (size_t i = 0; i < segs.size();) {
+      int64_t size = 0;
+      size_t j = i;
+      while (j < segs.size() && (j == i || size + SH * segs[j].in_w * C <= budget)) size += SH * segs[j++].in_w * C;
+      ends.push_back(j);
+      most = std::max(most, size);
+      i = j;
+    }
+    at::Tensor buffer = at::empty({most}, x.options());
+    float* windows = buffer.data_ptr<float>();
+    for (size_t chunk = 0, first = 0; chunk < ends.size(); first = ends[chunk++]) {
+      const size_t last = ends[chunk];
+      std::vector<int64_t> base{0};  // each segment's window offset in `windows`, in floats
+      for (size_t j = first; j < last; ++j) base.push_back(base.back() + SH * segs[j].in_w * C);
+      const int64_t nseg = static_cast<int64_t>(last - first);
+      const int64_t row_elems = std::max<int64_t>(1, base.back() / std::max<int64_t>(nseg * SH, 1));
+      at::parallel_for(0, nseg * SH, std::max<int64_t>(1, kElementsPerTask / row_elems), [&](int64_t lo, int64_t hi) {
+        std::vector<int64_t> ix;
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t i = task / SH, y = task % SH;
+          gather_row<float>(segs[first + i], y, g, x, x2, scale, shift, act,
+                            windows + base[i] + y * segs[first + i].in_w * C, ix);
+        }
+      });
+      // row blocks of up to kRows flat outputs, each made of pieces of segments: a long
+      // segment spans several blocks, short ones share one, so that every weight slice a block
+      // reads serves up to kRows outputs (1-px tiles of deep levels: segments of 1-3 outputs,
+      // whose weights, 9-19 MB at 512-1024 channels, each segment alone re-read)
+      struct Piece {
+        int64_t seg, m0, mm, row;  // segment in chunk, its flat outputs [m0, m0 + mm), acc row
+      };
+      std::vector<Piece> pieces;
+      std::vector<int64_t> block_start{0};
+      int64_t fill = 0;
+      for (int64_t i = 0; i < nseg; ++i) {
+        const Segment& sg = segs[first + i];
+        const int64_t M = (sg.rows - 1) * sg.in_w + sg.w;
+        for (int64_t m0 = 0; m0 < M;) {
+          if (fill == cpu_gemm::kRows) {
+            block_start.push_back(static_cast<int64_t>(pieces.size()));
+            fill = 0;
+          }
+          const int64_t mm = std::min(cpu_gemm::kRows - fill, M - m0);
+          pieces.push_back({i, m0, mm, fill});
+          fill += mm;
+          m0 += mm;
+        }
+      }
+      block_start.push_back(static_cast<int64_t>(pieces.size()));
+      // tasks: (column block, row block), column-block-major so that neighbouring tasks share
+      // the weights' columns
+      const int64_t row_blocks = static_cast<int64_t>(block_start.size()) - 1;
+      const int64_t cols = cpu_gemm::column_block(Cout, row_blocks);
+      const int64_t col_blocks = ceil_div(Cout, cols);
+      at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<float> acc(cpu_gemm::kRows * cols);
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t n0 = (task / row_blocks) * cols, nn = std::min(cols, Cout - n0);
+          const int64_t blk = task % row_blocks;
+          const Piece* p0 = pieces.data() + block_start[blk];
+          const Piece* p1 = pieces.data() + block_start[blk + 1];
+          if (bp) {
+            const int64_t rows = (p1 - 1)->row + (p1 - 1)->mm;
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(acc.data() + r * nn, bp + n0, sizeof(float) * nn);
+          }
+          // taps outermost: a tap's weight slice [C, nn] stays in cache across the pieces
+          for (int64_t dy = 0; dy < k; ++dy) {
+            for (int64_t dx = 0; dx < k; ++dx) {
+              const bool add = bp != nullptr || dy > 0 || dx > 0;
+              for (const Piece* pc = p0; pc != p1; ++pc) {
+                const float* win = windows + base[pc->seg];
+                cpu_gemm::accumulate(pc->mm, nn, C, C, Cout, nn, add,
+                                     win + (pc->m0 + dy * segs[first + pc->seg].in_w + dx) * C,
+                                     wp + (dy * k + dx) * C * Cout + n0, acc.data() + pc->row * nn);
+              }
+            }
+          }
+          // epilogue: each run of valid outputs within one output row, written in place
+          for (const Piece* pc = p0; pc != p1; ++pc) {
+            const Segment& sg = segs[first + pc->seg];
+            const float* ap = addv.empty() ? nullptr : addv.data() + sg.b * Cout + n0;
+            for (int64_t r = 0; r < pc->mm;) {
+              const int64_t q = pc->m0 + r, row = q / sg.in_w, col = q % sg.in_w;
+              if (col >= sg.w) {  // junk: the window's last k - 1 columns
+                r += sg.in_w - col;
+                continue;
+              }
+              const int64_t run = std::min(sg.w - col, pc->mm - r);
+              const int64_t oy = sg.r0 + row, ox = sg.x0 + col;
+              const float* res = rp ? rp + sg.b * sr.b + oy * sr.h + ox * sr.w + n0 * sr.c : nullptr;
+              scatter_pixels_any<float>(out_act, ap != nullptr, res != nullptr,
+                                        op + sg.b * so.b + oy * so.h + ox * so.w + n0 * so.c, so.w, so.c,
+                                        acc.data() + (pc->row + r) * nn, run, nn, ap, res, sr.w, sr.c);
+              r += run;
+            }
+          }
+        }
+      });
+    }
+    return true;
+  }
+}
+
 }  // namespace
 
 void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2, const at::Tensor& weight,
@@ -402,6 +553,11 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     const int64_t col_bytes = SH * C * static_cast<int64_t>(sizeof(scalar_t));
     const sparse_conv::Layout layout =
         sparse_conv::choose_layout(segs, g, C, out.size(1), std::is_same_v<scalar_t, float> && cpu_gemm::available());
+    if (layout == sparse_conv::Layout::kDirect &&
+        direct_gemm<scalar_t>(segs, SH, g, x, x2, weight, bias, scale, shift, act, out_act, addv, residual,
+                              accumulate, out)) {
+      return;
+    }
     if (layout == sparse_conv::Layout::kPixels) {
       // one k x k window per output pixel: the batch [N, C, k, k] (channels_last) is the
       // im2col matrix [N, k*k*C] in (row, column, channel) order, and the convolution is one

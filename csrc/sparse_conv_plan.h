@@ -284,26 +284,55 @@ inline double pixel_cost(const std::vector<Segment>& segs, const ConvGeometry& g
          kPixelGather * static_cast<double>(g.k * g.k) * p / static_cast<double>(std::max<int64_t>(out_channels, 1));
 }
 
-enum class Layout { kStrips, kWindows, kPixels };
+// The direct layout (CPU, float32 through BRGEMM, stride 1): one halo'd window per segment and
+// an implicit GEMM per kernel tap over it, written straight into the output (no scatter pass):
+// kDirect per flat output computed (the k - 1 junk columns of each window row included) plus
+// kDirectSegment per segment (a segment's GEMM calls are as many as a full row block's, and
+// 1-3 output segments leave the micro-kernel streaming weights for a row or two). Fitted to the
+// fused sweep (bench_conv_layouts.py --fused, 2-core AMD EPYC Zen 4, fp32): 0.85-1.12 of f x
+// dense where strips took 0.87-1.38 on compact masks; isolated 1-px tiles at 512 channels 1.56,
+// where the pixel layout's im2col GEMM (1.23) wins.
+constexpr double kDirect = 0.92;
+constexpr double kDirectSegment = 1.1;
 
-// YODA_SPARSE_CONV_LAYOUT=strip|windows|pixels forces a layout (tests, benchmarks); otherwise
-// the cheapest by the costs above (`fast_gemm`: the pixel layout's GEMM runs on BRGEMM).
-// Transposed and 1x1 convolutions have no junk columns: strips.
+inline double direct_cost(const std::vector<Segment>& segs) {
+  double flat = 0;
+  for (const Segment& sg : segs) flat += static_cast<double>((sg.rows - 1) * sg.in_w + sg.w);
+  return kDirect * flat + kDirectSegment * static_cast<double>(segs.size());
+}
+
+enum class Layout { kStrips, kWindows, kPixels, kDirect };
+
+// YODA_SPARSE_CONV_LAYOUT=strip|windows|pixels|direct forces a layout (tests, benchmarks; direct
+// only where it runs: `fast_gemm`, stride 1, not transposed, else strips); otherwise the cheapest
+// by the costs above (`fast_gemm`: the pixel and direct layouts' GEMMs run on BRGEMM;
+// YODA_SPARSE_CONV_DIRECT=0 leaves the direct layout out, for comparisons). Transposed
+// convolutions take strips; 1x1 ones strips or the direct layout (neither has junk columns).
 inline Layout choose_layout(const std::vector<Segment>& segs, const ConvGeometry& g, int64_t channels,
                             int64_t out_channels, bool fast_gemm) {
-  if (g.transposed || g.k <= g.s) return Layout::kStrips;
+  if (g.transposed) return Layout::kStrips;
+  const char* off = std::getenv("YODA_SPARSE_CONV_DIRECT");
+  const bool direct_runs = fast_gemm && g.s == 1 && !(off && std::string(off) == "0");
   const char* env = std::getenv("YODA_SPARSE_CONV_LAYOUT");
+  if (env && std::string(env) == "direct") return fast_gemm && g.s == 1 ? Layout::kDirect : Layout::kStrips;
+  if (g.k <= g.s) {
+    if (env && std::string(env) == "strip") return Layout::kStrips;
+    return direct_runs && direct_cost(segs) < strip_cost(segs, g) ? Layout::kDirect : Layout::kStrips;
+  }
   if (env && std::string(env) == "strip") return Layout::kStrips;
   if (env && std::string(env) == "windows") return Layout::kWindows;
   if (env && std::string(env) == "pixels") return Layout::kPixels;
-  const double strips = strip_cost(segs, g);
+  Layout best = Layout::kStrips;
+  double cost = strip_cost(segs, g);
   const double windows = window_cost(segs, g, channels, out_channels);
+  if (windows < cost) best = Layout::kWindows, cost = windows;
   // pixels only for tiles under 4 px: that is where it was measured to win
   if (std::min(g.th, g.tw) < 4) {
     const double pixels = pixel_cost(segs, g, out_channels, fast_gemm);
-    if (pixels < strips && pixels < windows) return Layout::kPixels;
+    if (pixels < cost) best = Layout::kPixels, cost = pixels;
   }
-  return windows < strips ? Layout::kWindows : Layout::kStrips;
+  if (direct_runs && direct_cost(segs) < cost) best = Layout::kDirect;
+  return best;
 }
 
 // One window per output pixel of each segment (the pixel layout), placed in a batch.

@@ -312,6 +312,67 @@ def test_cpp_pixel_gemm_in_float32_against_float64(monkeypatch, geo_name, brgemm
         assert torch.equal(out[~pix], out0.float()[~pix])
 
 
+@pytest.mark.parametrize("strip_bytes", [None, "3000"])
+@pytest.mark.parametrize("tile", [(5, 3), (4, 8), (1, 1)])
+@pytest.mark.parametrize("geo_name", ["3x3", "3x3_reflect", "1x1", "up2_3x3", "3x3_s2"])
+def test_cpp_direct_layout_in_float32_against_float64(monkeypatch, geo_name, tile, strip_bytes):
+    """The direct layout (each segment's halo'd window gathered once, one BRGEMM per kernel tap
+    over its flat pixels, the epilogue writing each block straight into out) against the
+    float64 dense truth: clipped edge tiles, segments over several row blocks (over 64 flat
+    outputs) and, with tiny chunks, one segment per gathered chunk; K chunks with a remainder
+    (C = 2 x 61 + 9 concatenated channels), ragged output-channel blocks (300), group norm +
+    SiLU, a per-image add, the residual being out itself, channels_last and NCHW outs, a
+    non-contiguous input; pixels outside the tiles untouched. Stride 2 is not a direct case: it
+    takes strips."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", "direct")
+    if strip_bytes:
+        monkeypatch.setenv("YODA_SPARSE_CONV_STRIP_BYTES", strip_bytes)
+    geo = GEOMETRIES[geo_name]
+    x, x2, w, b, Ho, Wo = make_inputs(geo, torch.float64, B=2, C1=122, C2=9, Co=300, H=13, W=21, seed=5)
+    g = torch.Generator().manual_seed(6)
+    norm = NormParams(torch.randn(2, 131, generator=g, dtype=torch.float64),
+                      torch.rand(2, 131, generator=g, dtype=torch.float64) + 0.5,
+                      torch.randn(131, generator=g, dtype=torch.float64), torch.randn(131, generator=g, dtype=torch.float64))
+    add = torch.randn(2, 300, generator=g, dtype=torch.float64)
+    tmap = torch.rand(2, -(-Ho // tile[0]), -(-Wo // tile[1]), generator=g) < 0.6
+    tmap[:, -1, -1] = True  # the corner tile, clipped in both directions
+    tmap[1, 0, :] = True  # a whole tile row: one long segment
+    out0 = torch.randn(2, 300, Ho, Wo, generator=g, dtype=torch.float64)
+    truth = dense_truth(x, w, b, geo, x2=x2, norm=norm, act="silu", add=add, residual=out0)
+    norm32 = NormParams(*(t.float() for t in norm))
+    pix = pixel_mask(tmap, tile, Ho, Wo).expand_as(out0)
+    x32 = x.float().transpose(2, 3).contiguous().transpose(2, 3)  # NCHW-shaped view of an NCWH tensor
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        out = out0.float().contiguous(memory_format=fmt)
+        call(x32, w.float(), b.float(), tmap, out, geo, tile, "cpp", x2=x2.float(), norm=norm32, act="silu",
+             add=add.float(), residual=out)
+        torch.testing.assert_close(out.double()[pix], truth[pix], rtol=1e-4, atol=1e-4)
+        assert torch.equal(out[~pix], out0.float()[~pix])
+
+
+def test_cpp_direct_layout_without_bias_or_epilogue(monkeypatch):
+    """The direct layout's plainest call: no bias, no prologue or epilogue, float32 against
+    F.conv2d in every listed tile, an empty tile row, the rest of out untouched."""
+    if "cpp" not in available_backends():
+        pytest.skip("C++ extension not available")
+    monkeypatch.setenv("YODA_SPARSE_CONV_LAYOUT", "direct")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 64, 20, 36, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(80, 64, 3, 3, generator=g) / 24
+    tmap = torch.rand(1, 3, 5, generator=g) < 0.5
+    tmap[0, 1] = False
+    tmap[0, 0, 0] = True
+    out0 = torch.randn(1, 80, 20, 36, generator=g)
+    out = out0.clone()
+    call(x, w, None, tmap, out, GEOMETRIES["3x3"], (8, 8), "cpp")
+    truth = F.conv2d(x.double(), w.double(), padding=1)
+    pix = pixel_mask(tmap, (8, 8), 20, 36).expand_as(out0)
+    torch.testing.assert_close(out.double()[pix], truth[pix], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~pix], out0[~pix])
+
+
 def test_cpp_pixel_gemm_sees_a_weight_changed_in_place(monkeypatch):
     """The packed weights of the BRGEMM path are cached per weight tensor: an in-place update
     (a new version of the same tensor) and a new tensor at the same shape are both seen."""

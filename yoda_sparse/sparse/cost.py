@@ -32,7 +32,7 @@ __all__ = ["CostModel", "cost_cache_path"]
 # of what is measured (4: the CPU kernel's window batches; 5: its pixel layout and 1-px deep
 # tiles; 6: the pixel layout's BRGEMM GEMM and gather-aware layout costs): other versions are
 # measured again
-_VERSION = 6
+_VERSION = 7
 
 
 def cost_cache_path() -> Path:
