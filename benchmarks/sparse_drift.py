@@ -1,6 +1,7 @@
 """Quality drift of the sparse engine against the dense engine: the same YODA run (checkpoint,
 attention, seed) sampled by both, on crops of held-out images; mean RGB PSNR against HR for each,
-and the PSNR of each sparse output against the dense one.
+and SSIM (the library's ``metrics.ssim``: on Y, the scale's border cropped), and the PSNR of each
+sparse output against the dense one.
 
 Usage:  python benchmarks/sparse_drift.py [--checkpoint FILE] [--steps 20 100] [--crop 128]
         [--images coffee chelsea] [--config NAME=JSON ...] [--out FILE.md]
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
 
     from yoda_sparse.diffusion import load_diffusion
     from yoda_sparse.imageio import bicubic_downscale, bicubic_upscale
+    from yoda_sparse.metrics import ssim
     from yoda_sparse.upscale import build_extractor
 
     configs = []
@@ -75,10 +77,12 @@ def main(argv=None) -> int:
     extractor = build_extractor(method, None, torch.device("cpu"))
     images = crops(args.images, args.crop)
     lines = [f"{config.name}, {len(images)} crops of {args.crop}x{args.crop} ({', '.join(args.images)}), "
-             f"x{diff.scale}, attention {method}, seed {args.seed} for every crop; RGB PSNR",
-             "", "| steps | engine | PSNR vs HR (vs dense) | PSNR(sparse, dense) |", "|---|---|---|---|"]
+             f"x{diff.scale}, attention {method}, seed {args.seed} for every crop; RGB PSNR, SSIM on Y",
+             "", "| steps | engine | PSNR vs HR (vs dense) | SSIM vs HR (vs dense) | PSNR(sparse, dense) |",
+             "|---|---|---|---|---|"]
     for steps in args.steps:
         vs_hr = {"dense": []} | {name: [] for name, _ in configs}
+        ssim_hr = {name: [] for name in vs_hr}
         vs_dense = {name: [] for name, _ in configs}
         for k, hr in enumerate(images):
             hr = hr[None]
@@ -91,14 +95,18 @@ def main(argv=None) -> int:
                 out[name] = diff.sample(lr, attn, steps=steps, generator=g, progress=False, engine=engine,
                                         engine_options=opts).images
                 vs_hr[name].append(psnr(out[name], hr))
+                ssim_hr[name].append(float(ssim(out[name], hr, scale=diff.scale)))
             for name, _ in configs:
                 vs_dense[name].append(psnr(out[name], out["dense"]))
             print(f"[drift] {steps} steps: {k + 1}/{len(images)} crops", file=sys.stderr, flush=True)
         mean = {n: sum(v) / len(v) for n, v in vs_hr.items()}
-        lines.append(f"| {steps} | dense engine | {mean['dense']:.3f} | - |")
+        mean_ssim = {n: sum(v) / len(v) for n, v in ssim_hr.items()}
+        lines.append(f"| {steps} | dense engine | {mean['dense']:.3f} | {mean_ssim['dense']:.4f} | - |")
         for name, opts in configs:
             lines.append(f"| {steps} | sparse {name} `{json.dumps(opts)}` | {mean[name]:.3f} "
-                         f"({mean[name] - mean['dense']:+.3f}) | {sum(vs_dense[name]) / len(vs_dense[name]):.2f} |")
+                         f"({mean[name] - mean['dense']:+.3f}) | {mean_ssim[name]:.4f} "
+                         f"({mean_ssim[name] - mean_ssim['dense']:+.4f}) | "
+                         f"{sum(vs_dense[name]) / len(vs_dense[name]):.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

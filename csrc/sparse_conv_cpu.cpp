@@ -310,6 +310,34 @@ std::vector<at::opmath_type<scalar_t>> per_image_channel(const std::optional<at:
   return v;
 }
 
+// Where the BRGEMM layouts (pixels, direct) put a finished accumulator block: straight into
+// `out` (float32), through the epilogue (activation, per-(image, channel) add, residual; with
+// `accumulate` the residual is out itself, each element read before it is written).
+struct BlockWriter {
+  float* op;
+  Strides4 so;
+  const float* rp;
+  Strides4 sr;
+  const std::vector<float>& addv;
+  int64_t out_act, Cout;
+
+  BlockWriter(at::Tensor& out, const std::optional<at::Tensor>& residual, bool accumulate,
+              const std::vector<float>& add, int64_t act)
+      : op(out.data_ptr<float>()), so(strides_of(out)), addv(add), out_act(act), Cout(out.size(1)) {
+    rp = accumulate ? op : residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+    sr = accumulate ? so : residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
+  }
+
+  // `run` output pixels of image b from (oy, ox) along the row, channels [n0, n0 + nn): acc
+  // rows of nn values each
+  void write(int64_t b, int64_t oy, int64_t ox, int64_t n0, int64_t nn, const float* acc, int64_t run) const {
+    const float* ap = addv.empty() ? nullptr : addv.data() + b * Cout + n0;
+    const float* res = rp ? rp + b * sr.b + oy * sr.h + ox * sr.w + n0 * sr.c : nullptr;
+    scatter_pixels_any<float>(out_act, ap != nullptr, res != nullptr, op + b * so.b + oy * so.h + ox * so.w + n0 * so.c,
+                              so.w, so.c, acc, run, nn, ap, res, sr.w, sr.c);
+  }
+};
+
 // The pixel layout's im2col GEMM through oneDNN's BRGEMM micro-kernel, the epilogue fused into
 // each finished block (gemm_cpu.h): float32 where cpu_gemm::available(); false (nothing done)
 // otherwise, and the caller takes oneDNN's 1x1 convolution instead.
@@ -327,11 +355,7 @@ bool pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const
     const at::Tensor wmat = cpu_gemm::packed_weight(weight);
     const at::Tensor b32 = bias.has_value() ? bias->contiguous() : at::Tensor();
     const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-    float* op = out.data_ptr<float>();
-    const Strides4 so = strides_of(out);
-    // accumulate: the residual is out itself (each element read before it is written)
-    const float* rp = accumulate ? op : residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-    const Strides4 sr = accumulate ? so : residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
+    const BlockWriter writer(out, residual, accumulate, addv, out_act);
     sparse_conv::for_each_batch(pixels, max_per_call, g.k, 1, [&](const std::vector<Segment>& batch) {
       const int64_t N = static_cast<int64_t>(batch.size());
       at::Tensor cols = at::empty({N, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -340,11 +364,7 @@ bool pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const
                      [&](int64_t m0, int64_t rows, int64_t n0, int64_t n, const float* acc) {
         for (int64_t i = 0; i < rows; ++i) {
           const Segment& px = batch[m0 + i];
-          const float* ap = addv.empty() ? nullptr : addv.data() + px.b * Cout + n0;
-          const float* res = rp ? rp + px.b * sr.b + px.r0 * sr.h + px.x0 * sr.w + n0 * sr.c : nullptr;
-          scatter_pixels_any<float>(out_act, ap != nullptr, res != nullptr,
-                                    op + px.b * so.b + px.r0 * so.h + px.x0 * so.w + n0 * so.c, so.w, so.c,
-                                    acc + i * n, 1, n, ap, res, sr.w, sr.c);
+          writer.write(px.b, px.r0, px.x0, n0, n, acc + i * n, 1);
         }
       });
     });
@@ -376,11 +396,7 @@ bool direct_gemm(const std::vector<Segment>& segs, int64_t SH, const ConvGeometr
     const float* wp = wmat.const_data_ptr<float>();
     const at::Tensor b32 = bias.has_value() ? bias->contiguous() : at::Tensor();
     const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-    float* op = out.data_ptr<float>();
-    const Strides4 so = strides_of(out);
-    // accumulate: the residual is out itself (each element read before it is written)
-    const float* rp = accumulate ? op : residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-    const Strides4 sr = accumulate ? so : residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
+    const BlockWriter writer(out, residual, accumulate, addv, out_act);
     // chunks of whole segments, about chunk_bytes() of windows each (they stay in cache between
     // the gather and the GEMM), each gathered, then convolved
     const int64_t budget = std::max<int64_t>(sparse_conv::chunk_bytes() / static_cast<int64_t>(sizeof(float)), 1);
@@ -466,7 +482,6 @@ bool direct_gemm(const std::vector<Segment>& segs, int64_t SH, const ConvGeometr
           // epilogue: each run of valid outputs within one output row, written in place
           for (const Piece* pc = p0; pc != p1; ++pc) {
             const Segment& sg = segs[first + pc->seg];
-            const float* ap = addv.empty() ? nullptr : addv.data() + sg.b * Cout + n0;
             for (int64_t r = 0; r < pc->mm;) {
               const int64_t q = pc->m0 + r, row = q / sg.in_w, col = q % sg.in_w;
               if (col >= sg.w) {  // junk: the window's last k - 1 columns
@@ -474,11 +489,7 @@ bool direct_gemm(const std::vector<Segment>& segs, int64_t SH, const ConvGeometr
                 continue;
               }
               const int64_t run = std::min(sg.w - col, pc->mm - r);
-              const int64_t oy = sg.r0 + row, ox = sg.x0 + col;
-              const float* res = rp ? rp + sg.b * sr.b + oy * sr.h + ox * sr.w + n0 * sr.c : nullptr;
-              scatter_pixels_any<float>(out_act, ap != nullptr, res != nullptr,
-                                        op + sg.b * so.b + oy * so.h + ox * so.w + n0 * so.c, so.w, so.c,
-                                        acc.data() + (pc->row + r) * nn, run, nn, ap, res, sr.w, sr.c);
+              writer.write(sg.b, sg.r0 + row, sg.x0 + col, n0, nn, acc.data() + (pc->row + r) * nn, run);
               r += run;
             }
           }

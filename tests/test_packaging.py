@@ -413,3 +413,20 @@ def test_host_path_profiler_runs_on_cpu():
     timed = [line for line in proc.stdout.splitlines() if line.endswith("µs/call")]
     assert len(timed) == 6 and all(float(line.split()[-2]) > 0 for line in timed), proc.stdout[:2000]
     assert proc.stdout.count(f"{backend}, by tottime") == 2, proc.stdout[-2000:]
+
+
+def test_sparse_layer_profiler_runs_on_cpu():
+    """benchmarks/profile_sparse_layers.py on a small model: a row per step, the per-level
+    table, and its total over the layers that ran sparse."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_sparse_layers.py"), "--model", "sr3_tiny", "--size", "64",
+         "--steps", "4", "--source", "disk:0.4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    first = lines.index(next(ln for ln in lines if ln.startswith("| step |"))) + 2
+    steps = lines[first:lines.index("", first)]
+    assert [ln.split("|")[1].strip() for ln in steps] == ["0", "1", "2", "3"], proc.stdout[-2000:]
+    total = [ln for ln in lines if ln.startswith("| all |")]
+    assert len(total) == 1 and float(total[0].split("|")[3]) > 0, proc.stdout[-2000:]

@@ -425,7 +425,7 @@ def add_engine_arguments(q, *, with_engine: bool = True) -> None:
     q.add_argument("--norm-stats", choices=NORM_STATS, default=None,
                    help="sparse engine: group-norm statistics of sparse steps")
     q.add_argument("--probes", type=int, default=None,
-                   help="sparse engine: probe tiles per side when norm statistics are probed (default 3)")
+                   help="sparse engine: probe tiles per side when norm statistics are probed (default 2)")
     q.add_argument("--refresh-every", type=int, default=None,
                    help="sparse engine: a dense step k steps after the cache was last computed whole")
     q.add_argument("--refresh-above", type=_share_or_none, default=None, metavar="SHARE|none",
