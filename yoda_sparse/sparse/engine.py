@@ -15,7 +15,7 @@ Per step:
    the dense network, no overhead.
 
 The cache holds every layer's output for the whole map (memory: :attr:`cache_bytes`; on the CPU
-the convolution's pixel layout also keeps its weights packed for its GEMM while they live:
+the convolution's BRGEMM layouts also keep their weights packed while they live:
 :func:`packed_weight_bytes`). It is
 tied to one input: a new ``x_up``/``cond`` tensor or shape starts a fresh cache, as does
 :meth:`reset` (the samplers build one engine per ``sample`` call).
@@ -56,10 +56,10 @@ AUTO_PROBE_STALENESS = 0.08
 
 
 def packed_weight_bytes() -> int:
-    """Bytes of the packed weights the C++ sparse convolution keeps for its pixel layout's GEMM
-    (a transposed copy of each weight it served, held while that weight tensor lives; 0 without
-    the extension). For SR3 16->128 on the CPU about 160 MB, the weights of its 32 and 16 px
-    levels."""
+    """Bytes of the packed weights the C++ sparse convolution keeps for its BRGEMM layouts
+    (direct and pixels: a transposed copy of each weight it served, held while that weight
+    tensor lives; 0 without the extension). For SR3 16->128 on the CPU 364 MB: nearly every
+    3x3 and 1x1 convolution's weights."""
     from ..ops import cpp_backend
 
     if cpp_backend.ensure_loaded() is not None:
