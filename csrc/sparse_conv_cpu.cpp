@@ -338,38 +338,66 @@ struct BlockWriter {
   }
 };
 
-// The pixel layout's im2col GEMM through oneDNN's BRGEMM micro-kernel, the epilogue fused into
-// each finished block (gemm_cpu.h): float32 where cpu_gemm::available(); false (nothing done)
-// otherwise, and the caller takes oneDNN's 1x1 convolution instead.
+// What the BRGEMM layouts (pixels, direct) share of a float32 call: the prologue's inputs, the
+// weight packed for the GEMM (gemm_cpu.h), the bias, and where finished blocks go.
+struct BrgemmConv {
+  const ConvGeometry& g;
+  const at::Tensor& x;
+  const std::optional<at::Tensor>& x2;
+  const std::vector<float>& scale;
+  const std::vector<float>& shift;
+  int64_t act;
+  int64_t C, Cout;
+  at::Tensor wmat;  // cpu_gemm::packed_weight: [k * k * C, C_out]
+  at::Tensor bias;  // contiguous, or undefined
+  BlockWriter writer;
+
+  const float* bias_data() const { return bias.defined() ? bias.const_data_ptr<float>() : nullptr; }
+};
+
+// The call's BRGEMM state, or nullopt where BRGEMM cannot serve it (not float32, or
+// cpu_gemm::available() is false): then the strip, window and 1x1-convolution paths do.
 template <typename scalar_t>
-bool pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const ConvGeometry& g, const at::Tensor& x,
-                 const std::optional<at::Tensor>& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const std::vector<at::opmath_type<scalar_t>>& scale, const std::vector<at::opmath_type<scalar_t>>& shift,
-                 int64_t act, int64_t out_act, const std::vector<at::opmath_type<scalar_t>>& addv,
-                 const std::optional<at::Tensor>& residual, bool accumulate, at::Tensor& out) {
+std::optional<BrgemmConv> brgemm_conv(const ConvGeometry& g, const at::Tensor& x, const std::optional<at::Tensor>& x2,
+                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                      const std::vector<at::opmath_type<scalar_t>>& scale,
+                                      const std::vector<at::opmath_type<scalar_t>>& shift, int64_t act,
+                                      int64_t out_act, const std::vector<at::opmath_type<scalar_t>>& addv,
+                                      const std::optional<at::Tensor>& residual, bool accumulate, at::Tensor& out) {
   if constexpr (!std::is_same_v<scalar_t, float>) {
-    return false;
+    return std::nullopt;
   } else {
-    if (!cpu_gemm::available()) return false;
-    const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0), KK = g.k * g.k, Cout = out.size(1);
-    const at::Tensor wmat = cpu_gemm::packed_weight(weight);
-    const at::Tensor b32 = bias.has_value() ? bias->contiguous() : at::Tensor();
-    const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-    const BlockWriter writer(out, residual, accumulate, addv, out_act);
-    sparse_conv::for_each_batch(pixels, max_per_call, g.k, 1, [&](const std::vector<Segment>& batch) {
-      const int64_t N = static_cast<int64_t>(batch.size());
-      at::Tensor cols = at::empty({N, C, g.k, g.k}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-      gather<float>(batch, g, x, x2, scale, shift, act, cols);
-      cpu_gemm::gemm(cols.const_data_ptr<float>(), N, KK * C, wmat.const_data_ptr<float>(), Cout, bp,
-                     [&](int64_t m0, int64_t rows, int64_t n0, int64_t n, const float* acc) {
-        for (int64_t i = 0; i < rows; ++i) {
-          const Segment& px = batch[m0 + i];
-          writer.write(px.b, px.r0, px.x0, n0, n, acc + i * n, 1);
-        }
-      });
-    });
-    return true;
+    if (!cpu_gemm::available()) return std::nullopt;
+    return BrgemmConv{g,
+                      x,
+                      x2,
+                      scale,
+                      shift,
+                      act,
+                      x.size(1) + (x2.has_value() ? x2->size(1) : 0),
+                      out.size(1),
+                      cpu_gemm::packed_weight(weight),
+                      bias.has_value() ? bias->contiguous() : at::Tensor(),
+                      BlockWriter(out, residual, accumulate, addv, out_act)};
   }
+}
+
+// The pixel layout's im2col GEMM through oneDNN's BRGEMM micro-kernel, the epilogue fused into
+// each finished block.
+void pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const BrgemmConv& c) {
+  const ConvGeometry& g = c.g;
+  sparse_conv::for_each_batch(pixels, max_per_call, g.k, 1, [&](const std::vector<Segment>& batch) {
+    const int64_t N = static_cast<int64_t>(batch.size());
+    at::Tensor cols = at::empty({N, c.C, g.k, g.k}, c.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    gather<float>(batch, g, c.x, c.x2, c.scale, c.shift, c.act, cols);
+    cpu_gemm::gemm(cols.const_data_ptr<float>(), N, g.k * g.k * c.C, c.wmat.const_data_ptr<float>(), c.Cout,
+                   c.bias_data(), [&](int64_t m0, int64_t rows, int64_t n0, int64_t n, const float* acc) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const Segment& px = batch[m0 + i];
+        c.writer.write(px.b, px.r0, px.x0, n0, n, acc + i * n, 1);
+      }
+    });
+  });
 }
 
 // The direct layout (float32, stride 1, not transposed, through BRGEMM): each segment's halo'd
@@ -381,122 +409,112 @@ bool pixels_gemm(const std::vector<Segment>& pixels, int64_t max_per_call, const
 // the next row and are junk (computed, never written). Each finished block goes straight into
 // `out` through the epilogue: no strip output, no scatter pass, and no junk columns between
 // segments (a strip computes k - 1 per segment too, then copies every output once more).
-template <typename scalar_t>
-bool direct_gemm(const std::vector<Segment>& segs, int64_t SH, const ConvGeometry& g, const at::Tensor& x,
-                 const std::optional<at::Tensor>& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const std::vector<at::opmath_type<scalar_t>>& scale, const std::vector<at::opmath_type<scalar_t>>& shift,
-                 int64_t act, int64_t out_act, const std::vector<at::opmath_type<scalar_t>>& addv,
-                 const std::optional<at::Tensor>& residual, bool accumulate, at::Tensor& out) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    return false;
-  } else {
-    if (!cpu_gemm::available() || g.transposed || g.s != 1) return false;
-    const int64_t C = x.size(1) + (x2.has_value() ? x2->size(1) : 0), Cout = out.size(1), k = g.k;
-    const at::Tensor wmat = cpu_gemm::packed_weight(weight);
-    const float* wp = wmat.const_data_ptr<float>();
-    const at::Tensor b32 = bias.has_value() ? bias->contiguous() : at::Tensor();
-    const float* bp = b32.defined() ? b32.const_data_ptr<float>() : nullptr;
-    const BlockWriter writer(out, residual, accumulate, addv, out_act);
-    // chunks of whole segments, about chunk_bytes() of windows each (they stay in cache between
-    // the gather and the GEMM), each gathered, then convolved
-    const int64_t budget = std::max<int64_t>(sparse_conv::chunk_bytes() / static_cast<int64_t>(sizeof(float)), 1);
-    std::vector<size_t> ends;
-    int64_t most = 0;
-    for (size_t i = 0; i < segs.size();) {
-      int64_t size = 0;
-      size_t j = i;
-      while (j < segs.size() && (j == i || size + SH * segs[j].in_w * C <= budget)) size += SH * segs[j++].in_w * C;
-      ends.push_back(j);
-      most = std::max(most, size);
-      i = j;
-    }
-    at::Tensor buffer = at::empty({most}, x.options());
-    float* windows = buffer.data_ptr<float>();
-    for (size_t chunk = 0, first = 0; chunk < ends.size(); first = ends[chunk++]) {
-      const size_t last = ends[chunk];
-      std::vector<int64_t> base{0};  // each segment's window offset in `windows`, in floats
-      for (size_t j = first; j < last; ++j) base.push_back(base.back() + SH * segs[j].in_w * C);
-      const int64_t nseg = static_cast<int64_t>(last - first);
-      const int64_t row_elems = std::max<int64_t>(1, base.back() / std::max<int64_t>(nseg * SH, 1));
-      at::parallel_for(0, nseg * SH, std::max<int64_t>(1, kElementsPerTask / row_elems), [&](int64_t lo, int64_t hi) {
-        std::vector<int64_t> ix;
-        for (int64_t task = lo; task < hi; ++task) {
-          const int64_t i = task / SH, y = task % SH;
-          gather_row<float>(segs[first + i], y, g, x, x2, scale, shift, act,
-                            windows + base[i] + y * segs[first + i].in_w * C, ix);
+void direct_gemm(const std::vector<Segment>& segs, int64_t SH, const BrgemmConv& c) {
+  const ConvGeometry& g = c.g;
+  TORCH_INTERNAL_ASSERT(!g.transposed && g.s == 1, "the direct layout takes stride-1 convolutions");
+  const int64_t C = c.C, Cout = c.Cout, k = g.k;
+  const float* wp = c.wmat.const_data_ptr<float>();
+  const float* bp = c.bias_data();
+  // each segment's window offset in one buffer of all of them, in floats
+  std::vector<int64_t> offset{0};
+  for (const Segment& sg : segs) offset.push_back(offset.back() + SH * sg.in_w * C);
+  // chunks of whole segments, about chunk_bytes() of windows each (they stay in cache between
+  // the gather and the GEMM), each gathered, then convolved
+  const int64_t budget = sparse_conv::chunk_bytes() / static_cast<int64_t>(sizeof(float));
+  std::vector<size_t> ends;
+  int64_t most = 0;
+  for (size_t i = 0; i < segs.size();) {
+    size_t j = i + 1;
+    while (j < segs.size() && offset[j + 1] - offset[i] <= budget) ++j;
+    ends.push_back(j);
+    most = std::max(most, offset[j] - offset[i]);
+    i = j;
+  }
+  at::Tensor buffer = at::empty({most}, c.x.options());
+  float* windows = buffer.data_ptr<float>();
+  for (size_t chunk = 0, first = 0; chunk < ends.size(); first = ends[chunk++]) {
+    const size_t last = ends[chunk];
+    const int64_t nseg = static_cast<int64_t>(last - first);
+    // segment i's window, i counted from the chunk's first
+    auto window_of = [&](int64_t i) { return windows + offset[first + i] - offset[first]; };
+    const int64_t row_elems = std::max<int64_t>(1, (offset[last] - offset[first]) / (nseg * SH));
+    at::parallel_for(0, nseg * SH, std::max<int64_t>(1, kElementsPerTask / row_elems), [&](int64_t lo, int64_t hi) {
+      std::vector<int64_t> ix;
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t i = task / SH, y = task % SH;
+        gather_row<float>(segs[first + i], y, g, c.x, c.x2, c.scale, c.shift, c.act,
+                          window_of(i) + y * segs[first + i].in_w * C, ix);
+      }
+    });
+    // row blocks of up to kRows flat outputs, each made of pieces of segments: a long
+    // segment spans several blocks, short ones share one, so that every weight slice a block
+    // reads serves up to kRows outputs (1-px tiles of deep levels: segments of 1-3 outputs,
+    // whose weights, 9-19 MB at 512-1024 channels, each segment alone re-read)
+    struct Piece {
+      int64_t seg, m0, mm, row;  // segment in chunk, its flat outputs [m0, m0 + mm), acc row
+    };
+    std::vector<Piece> pieces;
+    std::vector<int64_t> block_start{0};
+    int64_t fill = 0;
+    for (int64_t i = 0; i < nseg; ++i) {
+      const Segment& sg = segs[first + i];
+      const int64_t M = (sg.rows - 1) * sg.in_w + sg.w;
+      for (int64_t m0 = 0; m0 < M;) {
+        if (fill == cpu_gemm::kRows) {
+          block_start.push_back(static_cast<int64_t>(pieces.size()));
+          fill = 0;
         }
-      });
-      // row blocks of up to kRows flat outputs, each made of pieces of segments: a long
-      // segment spans several blocks, short ones share one, so that every weight slice a block
-      // reads serves up to kRows outputs (1-px tiles of deep levels: segments of 1-3 outputs,
-      // whose weights, 9-19 MB at 512-1024 channels, each segment alone re-read)
-      struct Piece {
-        int64_t seg, m0, mm, row;  // segment in chunk, its flat outputs [m0, m0 + mm), acc row
-      };
-      std::vector<Piece> pieces;
-      std::vector<int64_t> block_start{0};
-      int64_t fill = 0;
-      for (int64_t i = 0; i < nseg; ++i) {
-        const Segment& sg = segs[first + i];
-        const int64_t M = (sg.rows - 1) * sg.in_w + sg.w;
-        for (int64_t m0 = 0; m0 < M;) {
-          if (fill == cpu_gemm::kRows) {
-            block_start.push_back(static_cast<int64_t>(pieces.size()));
-            fill = 0;
+        const int64_t mm = std::min(cpu_gemm::kRows - fill, M - m0);
+        pieces.push_back({i, m0, mm, fill});
+        fill += mm;
+        m0 += mm;
+      }
+    }
+    block_start.push_back(static_cast<int64_t>(pieces.size()));
+    // tasks: (column block, row block), column-block-major so that neighbouring tasks share
+    // the weights' columns
+    const int64_t row_blocks = static_cast<int64_t>(block_start.size()) - 1;
+    const int64_t cols = cpu_gemm::column_block(Cout, row_blocks);
+    const int64_t col_blocks = ceil_div(Cout, cols);
+    at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> acc(cpu_gemm::kRows * cols);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t n0 = (task / row_blocks) * cols, nn = std::min(cols, Cout - n0);
+        const int64_t blk = task % row_blocks;
+        const Piece* p0 = pieces.data() + block_start[blk];
+        const Piece* p1 = pieces.data() + block_start[blk + 1];
+        if (bp) {
+          const int64_t rows = (p1 - 1)->row + (p1 - 1)->mm;
+          for (int64_t r = 0; r < rows; ++r) std::memcpy(acc.data() + r * nn, bp + n0, sizeof(float) * nn);
+        }
+        // taps outermost: a tap's weight slice [C, nn] stays in cache across the pieces
+        for (int64_t dy = 0; dy < k; ++dy) {
+          for (int64_t dx = 0; dx < k; ++dx) {
+            const bool add = bp != nullptr || dy > 0 || dx > 0;
+            for (const Piece* pc = p0; pc != p1; ++pc) {
+              const float* win = window_of(pc->seg);
+              cpu_gemm::accumulate(pc->mm, nn, C, C, Cout, nn, add,
+                                   win + (pc->m0 + dy * segs[first + pc->seg].in_w + dx) * C,
+                                   wp + (dy * k + dx) * C * Cout + n0, acc.data() + pc->row * nn);
+            }
           }
-          const int64_t mm = std::min(cpu_gemm::kRows - fill, M - m0);
-          pieces.push_back({i, m0, mm, fill});
-          fill += mm;
-          m0 += mm;
+        }
+        // epilogue: each run of valid outputs within one output row, written in place
+        for (const Piece* pc = p0; pc != p1; ++pc) {
+          const Segment& sg = segs[first + pc->seg];
+          for (int64_t r = 0; r < pc->mm;) {
+            const int64_t q = pc->m0 + r, row = q / sg.in_w, col = q % sg.in_w;
+            if (col >= sg.w) {  // junk: the window's last k - 1 columns
+              r += sg.in_w - col;
+              continue;
+            }
+            const int64_t run = std::min(sg.w - col, pc->mm - r);
+            c.writer.write(sg.b, sg.r0 + row, sg.x0 + col, n0, nn, acc.data() + (pc->row + r) * nn, run);
+            r += run;
+          }
         }
       }
-      block_start.push_back(static_cast<int64_t>(pieces.size()));
-      // tasks: (column block, row block), column-block-major so that neighbouring tasks share
-      // the weights' columns
-      const int64_t row_blocks = static_cast<int64_t>(block_start.size()) - 1;
-      const int64_t cols = cpu_gemm::column_block(Cout, row_blocks);
-      const int64_t col_blocks = ceil_div(Cout, cols);
-      at::parallel_for(0, col_blocks * row_blocks, 1, [&](int64_t lo, int64_t hi) {
-        std::vector<float> acc(cpu_gemm::kRows * cols);
-        for (int64_t task = lo; task < hi; ++task) {
-          const int64_t n0 = (task / row_blocks) * cols, nn = std::min(cols, Cout - n0);
-          const int64_t blk = task % row_blocks;
-          const Piece* p0 = pieces.data() + block_start[blk];
-          const Piece* p1 = pieces.data() + block_start[blk + 1];
-          if (bp) {
-            const int64_t rows = (p1 - 1)->row + (p1 - 1)->mm;
-            for (int64_t r = 0; r < rows; ++r) std::memcpy(acc.data() + r * nn, bp + n0, sizeof(float) * nn);
-          }
-          // taps outermost: a tap's weight slice [C, nn] stays in cache across the pieces
-          for (int64_t dy = 0; dy < k; ++dy) {
-            for (int64_t dx = 0; dx < k; ++dx) {
-              const bool add = bp != nullptr || dy > 0 || dx > 0;
-              for (const Piece* pc = p0; pc != p1; ++pc) {
-                const float* win = windows + base[pc->seg];
-                cpu_gemm::accumulate(pc->mm, nn, C, C, Cout, nn, add,
-                                     win + (pc->m0 + dy * segs[first + pc->seg].in_w + dx) * C,
-                                     wp + (dy * k + dx) * C * Cout + n0, acc.data() + pc->row * nn);
-              }
-            }
-          }
-          // epilogue: each run of valid outputs within one output row, written in place
-          for (const Piece* pc = p0; pc != p1; ++pc) {
-            const Segment& sg = segs[first + pc->seg];
-            for (int64_t r = 0; r < pc->mm;) {
-              const int64_t q = pc->m0 + r, row = q / sg.in_w, col = q % sg.in_w;
-              if (col >= sg.w) {  // junk: the window's last k - 1 columns
-                r += sg.in_w - col;
-                continue;
-              }
-              const int64_t run = std::min(sg.w - col, pc->mm - r);
-              writer.write(sg.b, sg.r0 + row, sg.x0 + col, n0, nn, acc.data() + (pc->row + r) * nn, run);
-              r += run;
-            }
-          }
-        }
-      });
-    }
-    return true;
+    });
   }
 }
 
@@ -564,9 +582,15 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
     const int64_t col_bytes = SH * C * static_cast<int64_t>(sizeof(scalar_t));
     const sparse_conv::Layout layout =
         sparse_conv::choose_layout(segs, g, C, out.size(1), std::is_same_v<scalar_t, float> && cpu_gemm::available());
-    if (layout == sparse_conv::Layout::kDirect &&
-        direct_gemm<scalar_t>(segs, SH, g, x, x2, weight, bias, scale, shift, act, out_act, addv, residual,
-                              accumulate, out)) {
+    const bool brgemm_layout = layout == sparse_conv::Layout::kDirect || layout == sparse_conv::Layout::kPixels;
+    const std::optional<BrgemmConv> fast =
+        brgemm_layout ? brgemm_conv<scalar_t>(g, x, x2, weight, bias, scale, shift, act, out_act, addv, residual,
+                                              accumulate, out)
+                      : std::nullopt;
+    if (layout == sparse_conv::Layout::kDirect) {
+      // chosen only where BRGEMM serves the call (choose_layout's fast_gemm)
+      TORCH_INTERNAL_ASSERT(fast.has_value(), "the direct layout needs float32 and BRGEMM");
+      direct_gemm(segs, SH, *fast);
       return;
     }
     if (layout == sparse_conv::Layout::kPixels) {
@@ -580,8 +604,8 @@ void sparse_conv2d_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x2,
       const int64_t max_per_call = sparse_conv::windows_per_call(
           KK * C * static_cast<int64_t>(sizeof(scalar_t)), weight.numel() * weight.element_size());
       const std::vector<Segment> pixels = sparse_conv::make_pixels(segs, g);
-      if (pixels_gemm<scalar_t>(pixels, max_per_call, g, x, x2, weight, bias, scale, shift, act, out_act, addv, residual,
-                                accumulate, out)) {
+      if (fast.has_value()) {
+        pixels_gemm(pixels, max_per_call, *fast);
         return;
       }
       const at::Tensor wmat = w.permute({0, 2, 3, 1}).reshape({Cout, KK * C, 1, 1});
